@@ -1,0 +1,44 @@
+# neuronatlas — the two quick-start commands are `make demo` and `make test`.
+# Each one sets everything up on a fresh machine (idempotent) and then runs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.neuronatlas-setup
+CORES ?= 2
+
+.PHONY: setup demo test bench lint clean-results help
+
+help:
+	@echo "make demo   set up .venv + offline assets, run the offline demo DAG, build the report"
+	@echo "make test   set up .venv + offline assets, run the test suite"
+	@echo "make bench  run every benchmark (JSON on stdout)"
+
+# Re-runs only when the pins change; `rm -r .venv` forces a clean install.
+$(STAMP): requirements.txt requirements-assets.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-assets.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	@bash scripts/install-system-assets.sh
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/snakemake --profile profiles/default --cores $(CORES)
+	$(BIN)/snakemake --profile profiles/default --cores $(CORES) --report results/report.html
+	$(BIN)/python -m neuronatlas.cli summary
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python -m neuronatlas.bench all
+
+lint: setup
+	$(BIN)/snakemake --lint
+
+clean-results:
+	rm -rf results .snakemake

@@ -1,0 +1,34 @@
+# neuronatlas — the experiment grid of five neuron-interpretability papers as one DAG.
+# Snakemake decides *what* runs; the library src/neuronatlas decides *how*.
+#
+#   snakemake --profile profiles/default                      # offline demo (config/demo.yaml)
+#   snakemake --profile profiles/default --configfile config/config.yaml   # the papers' full grid
+#   snakemake --profile profiles/slurm   --configfile config/config.yaml   # on a SLURM cluster
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+# The demo config is the embedded default; a --configfile replaces it (instead of being merged into it).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/demo.yaml"
+
+
+# Library validation first: it names the key, the allowed values and cross-key problems.
+import neuronatlas.config as nacfg
+
+nacfg.validate(config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml")
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/activations.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

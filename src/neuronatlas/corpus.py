@@ -1,0 +1,266 @@
+"""Corpus sources (hf, packaged, files) and their deterministic split into shards with stable ids."""
+
+from __future__ import annotations
+
+import glob as globlib
+import html
+import io
+import json
+import re
+import sys
+import zipfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import assets
+from .errors import ConfigError, EmptyCorpusError, NeuronAtlasError
+from .io import atomic_path, write_json
+
+SHARD_COLUMNS = ("doc_id", "key", "text", "label", "n_words")
+_WORD = re.compile(r"\S+")
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document: a stable integer id (its index in the source's canonical order), a key, text, label."""
+
+    doc_id: int
+    key: str
+    text: str
+    label: str | None = None
+
+
+def count_words(text: str) -> int:
+    """Whitespace word count: the model-independent token budget unit."""
+    return len(_WORD.findall(text))
+
+
+# ----------------------------------------------------------------------------- packaged sources
+
+
+def _wiki_summaries() -> Iterator[Document]:
+    data = json.loads(assets.wiki_summaries_file().read_text())
+    for i, (title, rec) in enumerate(data.items()):
+        yield Document(i, title, (rec.get("extract") or "").strip(), None)
+
+
+def _drug_reviews(split: str | None) -> Iterator[Document]:
+    split = split or "all"
+    files = {"train": ["drugsComTrain.tsv"], "test": ["drugsComTest.tsv"], "all": ["drugsComTrain.tsv", "drugsComTest.tsv"]}
+    i = 0
+    with zipfile.ZipFile(assets.drug_reviews_zip()) as zf:
+        for name in files[split]:
+            frame = pd.read_csv(io.BytesIO(zf.read(name)), sep="\t", dtype=str, keep_default_na=False)
+            for row in frame.itertuples(index=False):
+                text = html.unescape(row.review).strip().strip('"').strip()
+                yield Document(i, f"{name}:{row[0]}", text, row.rating)
+                i += 1
+
+
+def _python_stdlib() -> Iterator[Document]:
+    root = assets.python_stdlib_dir()
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    paths = sorted(
+        p for p in root.rglob("*.py") if not (set(p.relative_to(root).parts[:-1]) & skip)
+    )
+    for i, p in enumerate(paths):
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            text = ""
+        yield Document(i, f"python{sys.version_info.major}.{sys.version_info.minor}/{p.relative_to(root)}", text, None)
+
+
+# ----------------------------------------------------------------------------- files / hf sources
+
+
+def _get_field(record: Mapping[str, Any], dotted: str) -> Any:
+    cur: Any = record
+    for part in dotted.split("."):
+        if not isinstance(cur, Mapping) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def _files(spec: Mapping[str, Any], name: str) -> Iterator[Document]:
+    paths = sorted(globlib.glob(spec["glob"], recursive=True))
+    paths = [p for p in paths if Path(p).is_file()]
+    if not paths:
+        raise ConfigError(f"datasets.{name}.glob", f"{spec['glob']!r} matched no files (relative paths resolve from the working directory)")
+    i = 0
+    for p in paths:
+        if p.endswith(".jsonl"):
+            with open(p, encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise NeuronAtlasError(f"{p}:{lineno}: not valid JSON ({exc}); fix or remove the line") from exc
+                    text = _get_field(rec, spec["text_field"])
+                    if text is None:
+                        raise ConfigError(
+                            f"datasets.{name}.text_field",
+                            f"{spec['text_field']!r} not found in {p}:{lineno}; keys there: {', '.join(rec)}",
+                        )
+                    label = _get_field(rec, spec["label_field"]) if spec.get("label_field") else None
+                    if _keep(rec, spec):
+                        yield Document(i, f"{p}:{lineno}", str(text), None if label is None else str(label))
+                    i += 1
+        else:
+            yield Document(i, p, Path(p).read_text(encoding="utf-8", errors="replace"), None)
+            i += 1
+
+
+def _keep(record: Mapping[str, Any], spec: Mapping[str, Any]) -> bool:
+    flt = spec.get("filter")
+    if not flt:
+        return True
+    value = _get_field(record, flt["field"])
+    return value == flt["equals"] if "equals" in flt else value in flt["in"]
+
+
+def _hf(spec: Mapping[str, Any], name: str, seed: int) -> Iterator[Document]:
+    try:
+        import datasets as hfds
+    except ImportError as exc:  # pragma: no cover
+        raise NeuronAtlasError("the `datasets` package is needed for source hf; run `make setup`") from exc
+    try:
+        ds = hfds.load_dataset(
+            spec["path"], spec.get("name"), split=spec.get("split") or "train",
+            streaming=spec["streaming"], revision=spec.get("revision"),
+        )
+    except Exception as exc:  # the hub raises many types; all mean "cannot get it"
+        raise NeuronAtlasError(
+            f"datasets.{name}: cannot load Hugging Face dataset {spec['path']!r} "
+            f"(config {spec.get('name')!r}, split {spec.get('split') or 'train'!r}): {type(exc).__name__}: {exc}. "
+            "Without network access the dataset must already be in the HF cache (HF_HOME / HF_DATASETS_CACHE); "
+            "otherwise use a packaged or files source."
+        ) from exc
+    cols = set(ds.column_names or []) if getattr(ds, "column_names", None) else None
+    if cols is not None and spec["text_field"] not in cols:
+        raise ConfigError(f"datasets.{name}.text_field", f"{spec['text_field']!r} is not a column; columns: {', '.join(sorted(cols))}")
+    if spec["streaming"]:
+        ds = ds.map(lambda rec, idx: {"__idx": idx}, with_indices=True)
+        if spec["shuffle"]:
+            ds = ds.shuffle(seed=seed, buffer_size=spec["shuffle_buffer"])
+        rows: Any = ds
+    else:
+        order = np.arange(len(ds))
+        if spec["shuffle"]:
+            order = np.random.default_rng(seed).permutation(len(ds))
+        rows = ({**ds[int(j)], "__idx": int(j)} for j in order)
+    for rec in rows:
+        if not _keep(rec, spec):
+            continue
+        label = _get_field(rec, spec["label_field"]) if spec.get("label_field") else None
+        idx = int(rec["__idx"])
+        yield Document(idx, f"{spec['path']}:{idx}", str(rec[spec["text_field"]] or ""), None if label is None else str(label))
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def iter_documents(spec: Mapping[str, Any], name: str, seed: int) -> Iterator[Document]:
+    """Documents of a dataset spec in sampling order (seeded shuffle unless `shuffle: false`)."""
+    src = spec["source"]
+    if src == "hf":
+        # hf sources shuffle themselves (by index, or with a streaming buffer)
+        yield from _hf(spec, name, seed)
+        return
+    if src == "packaged":
+        gen = {
+            "wiki_summaries": _wiki_summaries,
+            "drug_reviews": lambda: _drug_reviews(spec.get("split")),
+            "python_stdlib": _python_stdlib,
+        }[spec["name"]]()
+    elif src == "files":
+        gen = _files(spec, name)
+    else:  # pragma: no cover - the schema forbids it
+        raise ConfigError(f"datasets.{name}.source", f"unknown source {src!r}")
+    docs = list(gen)
+    if spec["shuffle"]:
+        perm = np.random.default_rng(seed).permutation(len(docs))
+        docs = [docs[i] for i in perm]
+    yield from docs
+
+
+def build_shards(spec: Mapping[str, Any], name: str, seed: int, out_paths: list[str | Path], manifest_path: str | Path) -> dict[str, Any]:
+    """Sample, cap and split a dataset round-robin into len(out_paths) Parquet shards; write a manifest."""
+    n = len(out_paths)
+    if n != spec["shards"]:
+        raise ConfigError(f"datasets.{name}.shards", f"expected {spec['shards']} output paths, got {n}")
+    buckets: list[list[Document]] = [[] for _ in range(n)]
+    taken = words = skipped = 0
+    for doc in iter_documents(spec, name, seed):
+        text = doc.text.strip()
+        if len(text) < spec["min_chars"]:
+            skipped += 1
+            continue
+        w = count_words(text)
+        if spec["max_words"] is not None and words + w > spec["max_words"] and taken > 0:
+            break
+        buckets[taken % n].append(Document(doc.doc_id, doc.key, text, doc.label))
+        taken += 1
+        words += w
+        if spec["max_documents"] is not None and taken >= spec["max_documents"]:
+            break
+    if taken == 0:
+        raise EmptyCorpusError(
+            f"dataset {name!r} yielded no documents (source {spec['source']}, {skipped} skipped as shorter than "
+            f"min_chars={spec['min_chars']}); check its filter / glob / split settings"
+        )
+    if taken < n:
+        raise EmptyCorpusError(
+            f"dataset {name!r} has only {taken} document(s) for {n} shards; lower datasets.{name}.shards or raise the caps"
+        )
+    shard_info = []
+    schema = pa.schema([("doc_id", pa.int64()), ("key", pa.string()), ("text", pa.string()), ("label", pa.string()), ("n_words", pa.int32())])
+    for i, (docs, path) in enumerate(zip(buckets, out_paths)):
+        table = pa.table(
+            {
+                "doc_id": pa.array([d.doc_id for d in docs], pa.int64()),
+                "key": pa.array([d.key for d in docs], pa.string()),
+                "text": pa.array([d.text for d in docs], pa.string()),
+                "label": pa.array([d.label for d in docs], pa.string()),
+                "n_words": pa.array([count_words(d.text) for d in docs], pa.int32()),
+            },
+            schema=schema,
+        )
+        with atomic_path(path, suffix=".parquet") as tmp:
+            pq.write_table(table, tmp, compression="zstd")
+        shard_info.append({"shard": i, "documents": len(docs), "words": int(sum(count_words(d.text) for d in docs))})
+    manifest = {
+        "dataset": name,
+        "source": spec["source"],
+        "spec": dict(spec),
+        "seed": seed,
+        "documents": taken,
+        "words": words,
+        "skipped_short": skipped,
+        "shards": shard_info,
+        "python": sys.version.split()[0],
+    }
+    write_json(manifest_path, manifest)
+    return manifest
+
+
+def read_shard(path: str | Path) -> pd.DataFrame:
+    """Read one corpus shard (columns: doc_id, key, text, label, n_words); clear error if unreadable."""
+    try:
+        frame = pq.read_table(path).to_pandas()
+    except Exception as exc:
+        raise NeuronAtlasError(f"corpus shard {path} is unreadable ({exc}); delete it and re-run the workflow") from exc
+    missing = [c for c in SHARD_COLUMNS if c not in frame.columns]
+    if missing:
+        raise NeuronAtlasError(f"corpus shard {path} lacks columns {missing}; delete it and re-run the workflow")
+    return frame

@@ -1,0 +1,46 @@
+"""Session fixtures: tiny tokenizers and tiny seeded random models (prepared once per test session)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import helpers  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizers(tmp_path_factory) -> dict[str, Path]:
+    return helpers.build_tokenizers(tmp_path_factory.mktemp("tok"))
+
+
+def _random_params(name: str, hf_config: dict, tokenizer: Path | None) -> dict:
+    return {
+        "model": name, "source": "random", "config": copy.deepcopy(hf_config), "tokenizer": None if tokenizer is None else str(tokenizer),
+        "family": "auto", "seed": 0, "id": None, "revision": None, "path": None, "name": None, "init_from": None,
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizers) -> dict[str, Path]:
+    """Manifests of a tiny BERT and a tiny GPT-2 (random, seed 0)."""
+    from neuronatlas.models import prepare
+
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for name, cfg, tok in (("bert", helpers.TINY_BERT, tokenizers["bert"]), ("gpt2", helpers.TINY_GPT2, tokenizers["gpt2"])):
+        prepare(_random_params(name, cfg, tok), root / name)
+        out[name] = root / name / "manifest.json"
+    return out
+
+
+@pytest.fixture(scope="session")
+def random_params():
+    return _random_params

@@ -1,0 +1,50 @@
+# Shared paths, parameter views and resource estimates. Every knob a rule reads is in its params:.
+import neuronatlas.config as nacfg
+import neuronatlas.resources as nares
+
+R = config["results_dir"]
+MODELS = config["models"]
+DATASETS = config["datasets"]
+SITES = nacfg.SITES
+USE_GPU = config["device"].startswith("cuda")
+
+wildcard_constraints:
+    model="[A-Za-z][A-Za-z0-9_-]*",
+    dataset="[A-Za-z][A-Za-z0-9_-]*",
+    site="|".join(SITES),
+    shard="[0-9]+",
+
+
+def corpus_dir(dataset):
+    return f"{R}/corpora/{dataset}"
+
+
+def model_dir(model):
+    return f"{R}/models/{model}"
+
+
+def site_dir(model, dataset, site):
+    return f"{R}/{model}/{dataset}/{site}"
+
+
+def stats_file(model, dataset, site):
+    return f"{site_dir(model, dataset, site)}/activations/stats.h5"
+
+
+def extraction_params(model):
+    """Everything an extraction job of `model` depends on (and nothing else)."""
+    return {
+        "model_spec": {k: v for k, v in MODELS[model].items() if k not in ("description", "mem_mb", "runtime")},
+        "activations": config["activations"],
+        "device": config["device"],
+        "dtype": nacfg.model_dtype(config, model),
+        "threads": config["threads"],
+    }
+
+
+def all_targets():
+    """Every final output of the configured grid."""
+    targets = [f"{R}/summary/activations.csv"]
+    for m, d, s in nacfg.grid(config):
+        targets.append(stats_file(m, d, s))
+    return targets
