@@ -58,7 +58,8 @@ FAMILIES: dict[str, Family] = {
             "gemma3", ("gemma3_text", "gemma3"), "causal_lm", "embed_tokens", "layers", "mlp.down_proj",
             ("mlp.gate_proj", "mlp.up_proj"), "pre_feedforward_layernorm", "embed_tokens",
         ),
-        Family("vit", ("vit",), "image", "embeddings", "encoder.layer", "output.dense", ("intermediate.dense",), "layernorm_after", None),
+        # transformers >= 5 layout of ViT (checkpoints with the older names are converted on load)
+        Family("vit", ("vit",), "image", "embeddings", "layers", "mlp.fc2", ("mlp.fc1",), "layernorm_after", None),
         Family("dinov2", ("dinov2",), "image", "embeddings", "encoder.layer", "mlp.fc2", ("mlp.fc1",), "norm2", None),
     )
 }

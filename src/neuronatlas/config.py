@@ -51,6 +51,11 @@ def _format_error(err) -> tuple[str, str]:
     """Turn a jsonschema error into (key path, human message naming allowed values)."""
     key = _dotted(err.absolute_path)
     v, sch, inst = err.validator, err.schema, err.instance
+    if "propertyNames" in err.schema_path:
+        return key, (
+            f"name {inst!r} is not allowed; names must start with a letter and contain only "
+            "letters, digits, `_` and `-` (they become file-path wildcards)"
+        )
     if v == "additionalProperties" and isinstance(inst, dict):
         known = sorted(sch.get("properties", {}))
         unknown = sorted(k for k in inst if k not in known)
@@ -79,11 +84,6 @@ def _format_error(err) -> tuple[str, str]:
         return key, f"{inst!r} is out of range; allowed: a number {word} {err.validator_value}{_describe(sch)}"
     if v == "pattern":
         return key, f"{inst!r} does not match the allowed pattern {err.validator_value}{_describe(sch)}"
-    if v == "propertyNames":
-        return key, (
-            f"name {inst!r} is not allowed; names must start with a letter and contain only "
-            "letters, digits, `_` and `-` (they become file-path wildcards)"
-        )
     if v == "minItems":
         return key, f"needs at least {err.validator_value} item(s){_describe(sch)}"
     if v == "minProperties":
@@ -250,3 +250,50 @@ def model_params(config: Mapping[str, Any], model: str) -> dict[str, Any]:
         # the twin's weights depend on the architecture it copies
         out["init_from_spec"] = model_params(config, spec["init_from"])
     return out
+
+
+# ----------------------------------------------------------------------------- documentation
+
+DOC_BEGIN = "<!-- BEGIN GENERATED KEY REFERENCE (python -m neuronatlas.config --markdown) -->"
+DOC_END = "<!-- END GENERATED KEY REFERENCE -->"
+
+
+def _rows(schema: Mapping[str, Any], defs: Mapping[str, Any], prefix: str) -> list[tuple[str, str, str, str]]:
+    out = []
+    for key, sub in schema.get("properties", {}).items():
+        if "$ref" in sub:
+            sub = {**defs[sub["$ref"].split("/")[-1]], **{k: v for k, v in sub.items() if k != "$ref"}}
+        path = f"{prefix}{key}"
+        typ = sub.get("type", "")
+        typ = " \\| ".join(typ) if isinstance(typ, list) else typ
+        if "enum" in sub:
+            typ = " \\| ".join("null" if e is None else str(e) for e in sub["enum"])
+        if sub.get("items", {}).get("enum"):
+            typ = "list of " + " \\| ".join(sub["items"]["enum"])
+        default = "required" if key in schema.get("required", []) else ("`" + ("null" if sub.get("default") is None else str(sub.get("default"))) + "`" if "default" in sub else "")
+        desc = " ".join(str(sub.get("description", "")).split())
+        out.append((path, typ, default, desc))
+        add = sub.get("additionalProperties")
+        if isinstance(add, dict) and "$ref" in add:
+            target = defs[add["$ref"].split("/")[-1]]
+            out.extend(_rows(target, defs, f"{path}.<name>."))
+        elif sub.get("properties"):
+            out.extend(_rows(sub, defs, f"{path}."))
+    return out
+
+
+def schema_markdown(schema_path: str | Path = SCHEMA_PATH) -> str:
+    """The key reference table of config/README.md, rendered from the schema."""
+    schema = load_schema(schema_path)
+    lines = [DOC_BEGIN, "", "| key | type / allowed | default | what it does |", "|---|---|---|---|"]
+    for path, typ, default, desc in _rows(schema, schema.get("$defs", {}), ""):
+        lines.append(f"| `{path}` | {typ} | {default} | {desc} |")
+    lines += ["", DOC_END]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    if "--markdown" in sys.argv:
+        print(schema_markdown())

@@ -10,10 +10,14 @@ not grow with the number of layers recorded or with the corpus.
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +31,29 @@ from .models import LoadedModel
 from .store import SiteStats, empty_topk
 
 _KEY_SHIFT = 24  # example key = doc_id << 24 | start; starts stay below 2**24 tokens
+_HEAP_FIXED = False
+
+
+def fix_heap_growth(mmap_threshold: int = 4 << 20) -> None:
+    """Stop glibc from raising its mmap threshold after large frees (its default, up to 32 MB).
+
+    Otherwise the many activation-sized temporaries of an extraction land in the heap and fragment it,
+    so peak memory creeps up with the number of batches (measured: +50% from 1x to 10x corpus). With a
+    fixed threshold, blocks above it are mmapped and returned on free. No-op where glibc is absent.
+    """
+    global _HEAP_FIXED
+    if _HEAP_FIXED:
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold))
+        libc.mallopt(M_TRIM_THRESHOLD, int(mmap_threshold))
+    except (OSError, AttributeError):
+        pass
+    _HEAP_FIXED = True
 
 
 @dataclass(frozen=True)
@@ -72,22 +99,28 @@ def make_windows(
     return out
 
 
-def plan_batches(windows: Sequence[Window], batch_tokens: int, max_batch_size: int) -> list[list[int]]:
-    """Length-bucketed batches: windows sorted by length (desc), each batch <= batch_tokens padded tokens."""
+def plan_batches(windows: Sequence[Window], batch_tokens: int, max_batch_size: int, overhead_tokens: int = 128) -> list[list[int]]:
+    """Length-bucketed batches with the least padding: an optimal contiguous split of the length-sorted windows.
+
+    Minimises padded tokens + `overhead_tokens` per batch (the fixed cost of a forward call) subject to
+    batch size x longest window <= batch_tokens and at most max_batch_size windows.
+    """
     order = sorted(range(len(windows)), key=lambda i: (-len(windows[i].ids), windows[i].doc_id, windows[i].start))
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    cur_len = 0
-    for i in order:
-        n = len(windows[i].ids)
-        if cur and ((len(cur) + 1) * cur_len > batch_tokens or len(cur) >= max_batch_size):
-            batches.append(cur)
-            cur = []
-        if not cur:
-            cur_len = n  # the first (longest) window fixes the padded length
-        cur.append(i)
-    if cur:
-        batches.append(cur)
+    lengths = np.array([len(windows[i].ids) for i in order], np.int64)
+    n = len(order)
+    best = np.zeros(n + 1, np.float64)
+    cut = np.zeros(n, np.int64)
+    for i in range(n - 1, -1, -1):
+        m = int(min(max_batch_size, max(1, batch_tokens // max(int(lengths[i]), 1)), n - i))
+        sizes = np.arange(1, m + 1)
+        cost = sizes * lengths[i] + overhead_tokens + best[i + 1 : i + m + 1]
+        j = int(np.argmin(cost))
+        best[i] = cost[j]
+        cut[i] = i + j + 1
+    batches, i = [], 0
+    while i < n:
+        batches.append(order[i : int(cut[i])])
+        i = int(cut[i])
     return batches
 
 
@@ -97,11 +130,11 @@ class Batch:
 
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T)
-    valid_flat: torch.Tensor  # flat positions of real (non-pad) tokens
-    token_rows: torch.Tensor  # unique shard-vocabulary rows among valid tokens
-    token_inv: torch.Tensor  # valid token -> index into token_rows
-    content_flat: torch.Tensor  # flat positions entering neuron stats and top-k
-    not_content: torch.Tensor  # (B, T, 1) bool, True where a position must not be a top-k maximum
+    token_rows: torch.Tensor  # unique shard-vocabulary rows among real tokens
+    token_inv: torch.Tensor  # (B*T,) position -> index into token_rows; padding -> len(token_rows) (dropped)
+    not_content_flat: torch.Tensor  # flat positions excluded from neuron stats and top-k (specials, padding)
+    not_content: torch.Tensor  # (B, T, 1) bool
+    core: tuple[int, int] | None  # [lo, hi) positions that are content in every row (fast max path)
     positions: torch.Tensor  # (B, T) document token position, -1 for specials and padding
     doc_ids: torch.Tensor  # (B,)
     starts: torch.Tensor  # (B,)
@@ -132,35 +165,73 @@ def make_batch(
     if not include_special and special_ids:
         # a special token inside the text (e.g. a literal "[SEP]") is still a special token
         content &= ~np.isin(ids, list(special_ids))
-    flat_valid = np.flatnonzero(mask.reshape(-1))
-    rows = np.searchsorted(vocab, ids.reshape(-1)[flat_valid])
+    valid = mask.reshape(-1).astype(bool)
+    rows = np.searchsorted(vocab, ids.reshape(-1)[valid])
     urows, inv = np.unique(rows, return_inverse=True)
-    flat_content = np.flatnonzero(content.reshape(-1))
+    inv_all = np.full(B * T, len(urows), np.int64)
+    inv_all[valid] = inv.reshape(-1)
+    lo = 0 if include_special else wins[0].n_prefix
+    hi = min((len(w.ids) if include_special else w.n_prefix + w.n_content) for w in wins)
+    core = (lo, hi) if hi > lo and content[:, lo:hi].all() else None
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
     return Batch(
-        input_ids=t(ids), attention_mask=t(mask), valid_flat=t(flat_valid), token_rows=t(urows),
-        token_inv=t(inv.reshape(-1)), content_flat=t(flat_content), not_content=t(~content[:, :, None]),
+        input_ids=t(ids), attention_mask=t(mask), token_rows=t(urows), token_inv=t(inv_all),
+        not_content_flat=t(np.flatnonzero(~content.reshape(-1))), not_content=t(~content[:, :, None]), core=core,
         positions=t(pos), doc_ids=t(np.array([w.doc_id for w in wins], np.int64)),
-        starts=t(np.array([w.start for w in wins], np.int64)), n_valid=len(flat_valid), n_content=len(flat_content),
+        starts=t(np.array([w.start for w in wins], np.int64)), n_valid=int(valid.sum()), n_content=int(content.sum()),
     )
 
 
-class SiteAccumulator:
-    """Running statistics of one site; `update(layer, x)` is called from the forward hook."""
+def _masked_amax(x: torch.Tensor, bt: Batch) -> torch.Tensor:
+    """(B, W) maximum over content positions of (B, T, W); -inf where a row has none.
 
-    def __init__(self, n_layers: int, width: int, n_ids: int, top_k: int, token_stats: bool, device: torch.device):
+    Only the ragged edges are masked (a copy of a few columns); the content core is reduced in place.
+    """
+    if bt.core is None:
+        return x.masked_fill(bt.not_content, -torch.inf).amax(dim=1)
+    lo, hi = bt.core
+    out = x[:, lo:hi].amax(dim=1)
+    for a, b in ((0, lo), (hi, x.shape[1])):
+        if b > a:
+            edge = x[:, a:b].masked_fill(bt.not_content[:, a:b], -torch.inf).amax(dim=1)
+            out = torch.maximum(out, edge)
+    return out
+
+
+class SiteAccumulator:
+    """Running statistics of one site; `update(layer, x)` is called from the forward hook.
+
+    Every statistic is one pass over the layer's activations (memory-bound work is what costs here):
+    token sums by index_add over all positions (padding lands in a dropped row), sum of squares and of
+    absolute values over all positions minus the few non-content rows, per-example maxima over the
+    content core, and argmax positions only for the examples that enter a neuron's top-k.
+    """
+
+    def __init__(self, n_layers: int, width: int, top_k: int, device: torch.device):
         self.L, self.W, self.k = n_layers, width, top_k
+        self.device = device
         f64 = dict(dtype=torch.float64, device=device)
-        self.token_sum = torch.zeros((n_layers, n_ids, width), **f64) if token_stats else None
+        self.token_sum: torch.Tensor | None = None  # (L, ids of the current chunk, W), float64
         self.sum = torch.zeros((n_layers, width), **f64)
         self.sum_sq = torch.zeros((n_layers, width), **f64)
         self.abs_sum = torch.zeros((n_layers, width), **f64)
         self.count = torch.zeros((n_layers,), dtype=torch.int64, device=device)
-        self.max = torch.full((n_layers, width), -torch.inf, dtype=torch.float32, device=device)
-        self.min = torch.full((n_layers, width), torch.inf, dtype=torch.float32, device=device)
         tk = empty_topk(n_layers, width, top_k)
         self.top = {n: torch.from_numpy(a).to(device) for n, a in tk.items()}
         self.batch: Batch | None = None
+        self._scratch = torch.empty(0, device=device)  # reused for temporaries (fresh big allocations page-fault)
+        self._part = torch.empty(0, device=device)
+
+    def _buf(self, name: str, rows: int) -> torch.Tensor:
+        buf = getattr(self, name)
+        if buf.shape[0] < rows:
+            buf = torch.empty((int(rows * 1.25) + 16, self.W), dtype=torch.float32, device=self.device)
+            setattr(self, name, buf)
+        return buf[:rows]
+
+    def new_table(self, n_ids: int) -> None:
+        """Start a zeroed token table for the ids of the next chunk."""
+        self.token_sum = torch.zeros((self.L, n_ids, self.W), dtype=torch.float64, device=self.device)
 
     def update(self, layer: int, x: torch.Tensor) -> None:
         """Fold one layer's activations (B, T, W) of the current batch into the statistics."""
@@ -171,50 +242,127 @@ class SiteAccumulator:
             x = x.float()
         B, T, W = x.shape
         flat = x.reshape(B * T, W)
+        nc = flat.index_select(0, bt.not_content_flat)
         if self.token_sum is not None:
-            xv = flat.index_select(0, bt.valid_flat)
-            part = torch.zeros((bt.token_rows.shape[0], W), dtype=torch.float32, device=x.device)
-            part.index_add_(0, bt.token_inv, xv)
-            self.token_sum[layer].index_add_(0, bt.token_rows, part.double())
+            part = self._buf("_part", bt.token_rows.shape[0] + 1).zero_()
+            part.index_add_(0, bt.token_inv, flat)
+            self.token_sum[layer].index_add_(0, bt.token_rows, part[:-1].double())
+        scratch = self._buf("_scratch", B * T)
+        self.sum[layer] += (flat.sum(0) - nc.sum(0)).double()
+        self.sum_sq[layer] += (torch.square(flat, out=scratch).sum(0) - torch.square(nc).sum(0)).double()
+        self.abs_sum[layer] += (torch.abs(flat, out=scratch).sum(0) - nc.abs().sum(0)).double()
+        self.count[layer] += bt.n_content
         if bt.n_content == 0:
             return
-        xc = flat.index_select(0, bt.content_flat)
-        self.sum[layer] += xc.sum(0).double()
-        self.sum_sq[layer] += torch.linalg.vector_norm(xc, 2, dim=0).double().square()
-        self.abs_sum[layer] += torch.linalg.vector_norm(xc, 1, dim=0).double()
-        lo, hi = torch.aminmax(xc, dim=0)
-        torch.maximum(self.max[layer], hi, out=self.max[layer])
-        torch.minimum(self.min[layer], lo, out=self.min[layer])
-        self.count[layer] += bt.n_content
-        # per-example maxima -> top-k candidates
-        vals, arg = x.masked_fill(bt.not_content, -torch.inf).max(dim=1)  # (B, W)
-        keep = torch.isfinite(vals)
-        pos = torch.gather(bt.positions, 1, arg)  # (B, W)
+        # top-k: per-example maxima; argmax positions only where an example can enter a neuron's top-k
+        kth = self.top["activation"][layer][:, -1]  # (W,)
+        many = bool(torch.isinf(kth).any())  # top-k not full yet: most examples enter
+        if many:
+            masked = scratch.view(B, T, W).copy_(x).masked_fill_(bt.not_content, -torch.inf)
+            vals, arg = masked.max(dim=1)
+            enter = torch.isfinite(vals) & (vals >= kth[None, :])
+        else:
+            vals = _masked_amax(x, bt)  # (B, W)
+            enter = (vals >= kth[None, :]) & torch.isfinite(vals)
+        cols = enter.any(0).nonzero().squeeze(1)
+        if cols.numel() == 0:
+            return
+        enter = enter[:, cols]
+        vals = vals[:, cols]
+        pos = torch.full(enter.shape, -1, dtype=torch.int64, device=x.device)
+        b_idx, c_idx = enter.nonzero(as_tuple=True)
+        if many:
+            pos[b_idx, c_idx] = bt.positions[b_idx, arg[:, cols][b_idx, c_idx]]
+        else:
+            seg = x[b_idx, :, cols[c_idx]].masked_fill(bt.not_content[b_idx, :, 0], -torch.inf)  # (n, T)
+            pos[b_idx, c_idx] = bt.positions[b_idx, seg.argmax(dim=1)]
+        n = cols.shape[0]
         cand = {
-            "activation": torch.where(keep, vals, torch.full_like(vals, -torch.inf)).T,
-            "doc_id": torch.where(keep, bt.doc_ids[:, None].expand(B, W), -1).T,
-            "position": torch.where(keep, pos, -1).T.to(torch.int32),
-            "start": torch.where(keep, bt.starts[:, None].expand(B, W), -1).T.to(torch.int32),
+            "activation": torch.where(enter, vals, torch.full_like(vals, -torch.inf)).T,
+            "doc_id": torch.where(enter, bt.doc_ids[:, None].expand(B, n), -1).T,
+            "position": pos.T.to(torch.int32),
+            "start": torch.where(enter, bt.starts[:, None].expand(B, n), -1).T.to(torch.int32),
         }
-        cur = {n: self.top[n][layer] for n in self.top}
-        merged = {n: torch.cat([cur[n], cand[n]], dim=1) for n in cur}
-        key = merged["doc_id"].to(torch.int64) * (1 << _KEY_SHIFT) + merged["start"].to(torch.int64)
+        merged = {k: torch.cat([self.top[k][layer, cols], cand[k]], dim=1) for k in cand}
+        key = merged["doc_id"] * (1 << _KEY_SHIFT) + merged["start"].to(torch.int64)
         o1 = torch.argsort(key, dim=1, stable=True)
-        merged = {n: torch.gather(v, 1, o1) for n, v in merged.items()}
+        merged = {k: torch.gather(v, 1, o1) for k, v in merged.items()}
         o2 = torch.argsort(-merged["activation"], dim=1, stable=True)[:, : self.k]
-        for n, v in merged.items():
-            self.top[n][layer] = torch.gather(v, 1, o2)
+        for k, v in merged.items():
+            self.top[k][layer, cols] = torch.gather(v, 1, o2)
 
-    def finish(self, token_ids: np.ndarray, token_count: np.ndarray, attrs: Mapping[str, Any]) -> SiteStats:
-        """Move everything to numpy as a SiteStats."""
-        neuron = {
-            "count": self.count[:, None].expand(self.L, self.W).cpu().numpy().astype(np.int64),
-            "sum": self.sum.cpu().numpy(), "sum_sq": self.sum_sq.cpu().numpy(), "abs_sum": self.abs_sum.cpu().numpy(),
-            "max": self.max.cpu().numpy(), "min": self.min.cpu().numpy(),
-        }
+    def finish(self, token_ids: np.ndarray, token_count: np.ndarray, token_sum: Any, attrs: Mapping[str, Any]) -> SiteStats:
+        """Move everything to numpy as a SiteStats (token_sum: an array, a spilled table or None)."""
         top = {n: v.cpu().numpy() for n, v in self.top.items()}
-        ts = None if self.token_sum is None else self.token_sum.cpu().numpy()
-        return SiteStats(token_ids, token_count, ts, neuron, top, dict(attrs))
+        neuron = {
+            "count": np.repeat(self.count.cpu().numpy()[:, None], self.W, axis=1).astype(np.int64),
+            "sum": self.sum.cpu().numpy(), "sum_sq": self.sum_sq.cpu().numpy(), "abs_sum": self.abs_sum.cpu().numpy(),
+            "max": top["activation"][..., 0].copy(),
+        }
+        return SiteStats(token_ids, token_count, token_sum, neuron, top, dict(attrs))
+
+
+class SpilledTable:
+    """A float64 (L, V, W) token table accumulated in a raw file, touched in row blocks (bounded memory).
+
+    Used when a shard's table would exceed `token_table_mb`: each chunk's compact table is added into
+    the file, and the store writer reads it back one row block at a time.
+    """
+
+    def __init__(self, path: str | os.PathLike, n_layers: int, n_ids: int, width: int, block_rows: int):
+        self.path = Path(path)
+        self.shape = (n_layers, n_ids, width)
+        self.block = max(1, block_rows)
+        with open(self.path, "wb") as fh:
+            fh.truncate(n_layers * n_ids * width * 8)  # sparse zeros
+
+    def _offset(self, layer: int, row: int) -> int:
+        return ((layer * self.shape[1]) + row) * self.shape[2] * 8
+
+    def add(self, rows: np.ndarray, table: np.ndarray) -> None:
+        """Add a compact (L, len(rows), W) table into the given sorted shard rows (one bounded slab at a time)."""
+        L, V, W = self.shape
+        with open(self.path, "r+b") as fh:
+            for r0 in range(0, V, self.block):
+                r1 = min(V, r0 + self.block)
+                lo, hi = np.searchsorted(rows, [r0, r1])
+                if lo == hi:
+                    continue
+                r = rows[lo:hi]
+                a, b = int(r[0]), int(r[-1]) + 1  # slab spans at most `block` rows
+                for layer in range(L):
+                    fh.seek(self._offset(layer, a))
+                    slab = np.fromfile(fh, np.float64, (b - a) * W).reshape(b - a, W)
+                    slab[r - a] += table[layer, lo:hi]
+                    fh.seek(self._offset(layer, a))
+                    slab.tofile(fh)
+
+    def read(self, layer: int, r0: int, r1: int) -> np.ndarray:
+        """Rows [r0, r1) of one layer."""
+        with open(self.path, "rb") as fh:
+            fh.seek(self._offset(layer, r0))
+            return np.fromfile(fh, np.float64, (r1 - r0) * self.shape[2]).reshape(r1 - r0, self.shape[2])
+
+    def __getitem__(self, layer: int) -> np.ndarray:
+        return self.read(layer, 0, self.shape[1])
+
+
+def chunk_windows(rows_per_window: Sequence[np.ndarray], n_ids: int, cap: int) -> list[list[int]]:
+    """Consecutive groups of windows whose distinct token ids fit `cap` table rows."""
+    chunks: list[list[int]] = [[]]
+    seen = np.zeros(n_ids, bool)
+    n_seen = 0
+    for i, rows in enumerate(rows_per_window):
+        new = np.unique(rows[~seen[rows]])
+        if chunks[-1] and n_seen + len(new) > cap:
+            chunks.append([])
+            seen[:] = False
+            n_seen = 0
+            new = np.unique(rows)
+        seen[new] = True
+        n_seen += len(new)
+        chunks[-1].append(i)
+    return chunks
 
 
 def extract(
@@ -229,13 +377,21 @@ def extract(
     top_k: int = 20,
     include_special: bool = False,
     token_stats: bool = True,
+    token_table_mb: float = 4096,
+    spill_dir: str | os.PathLike | None = None,
     attrs: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, SiteStats]:
-    """Run the model over one corpus shard and return every site's statistics."""
+    """Run the model over one corpus shard and return every site's statistics.
+
+    The per-token table of all sites together is kept below `token_table_mb`: when a shard's distinct
+    ids would not fit, its windows are processed in chunks and each chunk's table is added into a
+    float64 file in `spill_dir` (memory then depends on the budget, not on the corpus).
+    """
     man = lm.manifest
     if len(shard) == 0:
         raise EmptyCorpusError("the corpus shard has no documents; lower the shard count or raise the caps")
+    pass  # fix_heap_growth() (experiment)
     windows = make_windows(
         lm.tokenizer, shard["text"].tolist(), shard["doc_id"].tolist(), max_length,
         man["prefix_ids"], man["suffix_ids"], max_tokens,
@@ -247,45 +403,89 @@ def extract(
         raise NeuronAtlasError("document ids above 2**39 are not supported by the top-k key")
     all_ids = np.concatenate([w.ids for w in windows])
     vocab, counts = np.unique(all_ids, return_counts=True)
+    del all_ids
     pad_id = man["pad_id"] if man["pad_id"] is not None else (man["suffix_ids"] or man["prefix_ids"] or [0])[0]
     special = set(man["special_ids"])
-    accs: dict[str, SiteAccumulator] = {}
-    for site in sites:
-        L, W = man["sites"][site]
-        accs[site] = SiteAccumulator(L, W, len(vocab), top_k, token_stats, lm.device)
-    batches = plan_batches(windows, batch_tokens, max_batch_size)
-    n_tokens = int(all_ids.shape[0])
-    n_content = 0
-    padded = 0
+    shapes = {site: tuple(man["sites"][site]) for site in sites}
+    accs = {site: SiteAccumulator(L, W, top_k, lm.device) for site, (L, W) in shapes.items()}
+    row_bytes = 8 * sum(L * W for L, W in shapes.values())
+    cap = max(1, int(token_table_mb * 2**20 // row_bytes))
+    if not token_stats or len(vocab) <= cap:
+        chunks = [list(range(len(windows)))]
+    else:
+        chunks = chunk_windows([np.searchsorted(vocab, w.ids) for w in windows], len(vocab), cap)
+    spill: dict[str, SpilledTable] = {}
+    spill_tmp = None
+    if token_stats and len(chunks) > 1:
+        spill_tmp = Path(tempfile.mkdtemp(prefix=".token-table-", dir=spill_dir))
+        block = max(1, int(32 * 2**20 // (8 * max(W for _, W in shapes.values()))))
+        spill = {site: SpilledTable(spill_tmp / f"{site}.f64", L, len(vocab), W, block) for site, (L, W) in shapes.items()}
+    n_tokens = int(counts.sum())
+    n_content = padded = n_batches = 0
     t0 = time.perf_counter()
     bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="extract", file=sys.stderr, disable=not progress, mininterval=2.0)
-    with contextlib.ExitStack() as stack, torch.inference_mode():
+    try:
+        with contextlib.ExitStack() as stack, torch.inference_mode():
+            for site, acc in accs.items():
+                stack.enter_context(hooked(lm.model, lm.family, site, record=acc.update))
+            for chunk in chunks:
+                chunk_vocab = vocab if len(chunks) == 1 else np.unique(np.concatenate([windows[i].ids for i in chunk]))
+                if token_stats:
+                    for acc in accs.values():
+                        acc.new_table(len(chunk_vocab))
+                sub = [windows[i] for i in chunk]
+                for idx in plan_batches(sub, batch_tokens, max_batch_size):
+                    bt = make_batch(sub, idx, chunk_vocab, pad_id, special, include_special, lm.device)
+                    for acc in accs.values():
+                        acc.batch = bt
+                    lm.model(input_ids=bt.input_ids, attention_mask=bt.attention_mask)
+                    n_content += bt.n_content
+                    padded += int(bt.input_ids.numel())
+                    n_batches += 1
+                    bar.update(bt.n_valid)
+                if spill:
+                    rows = np.searchsorted(vocab, chunk_vocab)
+                    for site, acc in accs.items():
+                        spill[site].add(rows, acc.token_sum.cpu().numpy())
+                        acc.token_sum = None
+        bar.close()
+        seconds = time.perf_counter() - t0
+        meta = {
+            **(attrs or {}),
+            "n_tokens": n_tokens,
+            "n_content_tokens": n_content,
+            "n_examples": len(windows),
+            "n_documents": len({w.doc_id for w in windows}),
+            "n_batches": n_batches,
+            "n_chunks": len(chunks),
+            "padded_tokens": padded,
+            "include_special_in_neuron_stats": bool(include_special),
+        }
+        out = {}
         for site, acc in accs.items():
-            stack.enter_context(hooked(lm.model, lm.family, site, record=acc.update))
-        for idx in batches:
-            bt = make_batch(windows, idx, vocab, pad_id, special, include_special, lm.device)
-            for acc in accs.values():
-                acc.batch = bt
-            lm.model(input_ids=bt.input_ids, attention_mask=bt.attention_mask)
-            n_content += bt.n_content
-            padded += int(bt.input_ids.numel())
-            bar.update(bt.n_valid)
-    bar.close()
-    seconds = time.perf_counter() - t0
-    meta = {
-        **(attrs or {}),
-        "n_tokens": n_tokens,
-        "n_content_tokens": n_content,
-        "n_examples": len(windows),
-        "n_documents": len({w.doc_id for w in windows}),
-        "n_batches": len(batches),
-        "padded_tokens": padded,
-        "include_special_in_neuron_stats": bool(include_special),
-    }
-    out = {site: acc.finish(vocab, counts, {**meta, "site": site}) for site, acc in accs.items()}
-    print(
-        f"extracted {n_tokens} tokens ({len(windows)} windows, {len(batches)} batches, "
-        f"{n_tokens / max(padded, 1):.1%} non-pad) in {seconds:.1f}s = {n_tokens / max(seconds, 1e-9):.0f} tok/s",
-        file=sys.stderr,
-    )
-    return out
+            table: Any = None
+            if token_stats:
+                table = spill[site] if spill else acc.token_sum.cpu().numpy()
+            out[site] = acc.finish(vocab, counts, table, {**meta, "site": site})
+        print(
+            f"extracted {n_tokens} tokens ({len(windows)} windows, {n_batches} batches, {len(chunks)} chunk(s), "
+            f"{n_tokens / max(padded, 1):.1%} non-pad) in {seconds:.1f}s = {n_tokens / max(seconds, 1e-9):.0f} tok/s",
+            file=sys.stderr,
+        )
+        if spill_tmp is not None:
+            # the spilled files are read by store.write; the caller removes them via cleanup()
+            for st in out.values():
+                st.attrs["_spill_dir"] = str(spill_tmp)
+        return out
+    except BaseException:
+        if spill_tmp is not None:
+            shutil.rmtree(spill_tmp, ignore_errors=True)
+        raise
+
+
+def cleanup(stats: Mapping[str, SiteStats]) -> None:
+    """Remove spilled token tables once the stores are written."""
+    for st in stats.values():
+        d = st.attrs.pop("_spill_dir", None)
+        if d:
+            shutil.rmtree(d, ignore_errors=True)

@@ -83,7 +83,7 @@ def extract_activations(
 ) -> None:
     """Rule extract_activations_<model>: one forward pass over a shard, one store file per site."""
     from .corpus import read_shard
-    from .extract import extract
+    from .extract import cleanup, extract
     from .models import load
     from .store import write
 
@@ -104,10 +104,14 @@ def extract_activations(
     stats = extract(
         lm, frame, list(outputs), max_length=m["max_length"], batch_tokens=m["batch_tokens"],
         max_batch_size=m["max_batch_size"], max_tokens=m["max_tokens_per_shard"], top_k=act["top_k"],
-        include_special=act["include_special_in_neuron_stats"], token_stats=m["token_stats"], attrs=attrs,
+        include_special=act["include_special_in_neuron_stats"], token_stats=m["token_stats"],
+        token_table_mb=act["token_table_mb"], spill_dir=Path(next(iter(outputs.values()))).parent, attrs=attrs,
     )
-    for site, path in outputs.items():
-        write(path, stats[site], act["compression"], act["compression_level"], act["token_sum_dtype"])
+    try:
+        for site, path in outputs.items():
+            write(path, stats[site], act["compression"], act["compression_level"], act["token_sum_dtype"])
+    finally:
+        cleanup(stats)
 
 
 def merge_activations(inputs: Sequence[str], output: str, params: Mapping[str, Any]) -> None:

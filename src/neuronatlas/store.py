@@ -9,8 +9,7 @@ Layout (n_layers = L, neurons per layer = W, distinct token ids seen = V, top-k 
     /neuron/sum       float64 (L, W)
     /neuron/sum_sq    float64 (L, W)
     /neuron/abs_sum   float64 (L, W)
-    /neuron/max       float32 (L, W)
-    /neuron/min       float32 (L, W)
+    /neuron/max       float32 (L, W)      maximum over positions (= top-1 activation)
     /topk/activation  float32 (L, W, k)   per neuron, its top-k examples (windows) by max activation, descending
     /topk/doc_id      int64   (L, W, k)   document id of the example (-1 = empty slot)
     /topk/position    int32   (L, W, k)   token position of the maximum within the document (specials excluded)
@@ -36,7 +35,7 @@ from .errors import CorruptStoreError, NeuronAtlasError
 from .io import atomic_path
 
 FORMAT_VERSION = 1
-NEURON_FIELDS = ("count", "sum", "sum_sq", "abs_sum", "max", "min")
+NEURON_FIELDS = ("count", "sum", "sum_sq", "abs_sum", "max")
 TOPK_FIELDS = ("activation", "doc_id", "position", "start")
 REQUIRED_ATTRS = ("format_version", "model", "site", "dataset", "n_layers", "width", "top_k", "n_tokens", "has_token_stats")
 _EMPTY = {"activation": -np.inf, "doc_id": -1, "position": -1, "start": -1}
@@ -49,7 +48,7 @@ class SiteStats:
 
     token_ids: np.ndarray
     token_count: np.ndarray
-    token_sum: np.ndarray | None
+    token_sum: Any  # (L, V, W) array, a spilled table with .read(layer, r0, r1), or None
     neuron: dict[str, np.ndarray]
     topk: dict[str, np.ndarray]
     attrs: dict[str, Any] = field(default_factory=dict)
@@ -111,8 +110,12 @@ def write(
                 "token_sum", shape=(n_layers, n_ids, width), dtype=np.dtype(token_sum_dtype),
                 chunks=_token_chunks(n_ids, width) if n_ids else None, **(kw if n_ids else {}),
             )
+            ts = stats.token_sum
+            block = max(1, (64 << 20) // (8 * width))  # bounded memory for spilled tables too
             for layer in range(n_layers):
-                ds[layer] = stats.token_sum[layer]
+                for r0 in range(0, n_ids, block):
+                    r1 = min(n_ids, r0 + block)
+                    ds[layer, r0:r1] = ts.read(layer, r0, r1) if hasattr(ts, "read") else ts[layer, r0:r1]
         g = f.create_group("neuron")
         for name in NEURON_FIELDS:
             g.create_dataset(name, data=stats.neuron[name], **kw)
@@ -124,7 +127,8 @@ def write(
         attrs["n_layers"], attrs["width"] = n_layers, width
         attrs["top_k"] = int(stats.topk["activation"].shape[-1])
         for key, value in attrs.items():
-            f.attrs[key] = _attr(value)
+            if not key.startswith("_"):
+                f.attrs[key] = _attr(value)
 
 
 def _attr(value: Any) -> Any:
@@ -262,7 +266,7 @@ class Store:
             raise NeuronAtlasError(f"{self.path} has no per-token statistics (models.<m>.token_stats is false)")
 
     def neuron(self, name: str) -> np.ndarray:
-        """(L, W) per-neuron statistic: count, sum, sum_sq, abs_sum, max, min."""
+        """(L, W) per-neuron statistic: count, sum, sum_sq, abs_sum, max."""
         return self._read(f"neuron/{name}")
 
     def neuron_mean(self) -> np.ndarray:
@@ -339,12 +343,10 @@ def merge(
             np.add.at(counts, rows, c)
         neuron = {n: np.zeros((L, W), np.int64 if n == "count" else np.float64) for n in NEURON_FIELDS}
         neuron["max"] = np.full((L, W), -np.inf, np.float32)
-        neuron["min"] = np.full((L, W), np.inf, np.float32)
         for s in stores:
             for n in ("count", "sum", "sum_sq", "abs_sum"):
                 neuron[n] += s.neuron(n)
             neuron["max"] = np.maximum(neuron["max"], s.neuron("max"))
-            neuron["min"] = np.minimum(neuron["min"], s.neuron("min"))
         topk = merge_topk([s.topk() for s in stores], k)
         has_tokens = stores[0].has_token_stats
         shards = []

@@ -43,7 +43,7 @@ for _model, _spec in MODELS.items():
             shards=f"{R}/corpora/{{dataset}}/shards",
             manifest=f"{R}/models/{_model}/manifest.json",
         output:
-            **{site: f"{R}/{_model}/{{dataset}}/{site}/activations/shard-{{shard}}.h5" for site in _spec["sites"]},
+            **{site: shard_output(f"{R}/{_model}/{{dataset}}/{site}/activations/shard-{{shard}}.h5") for site in _spec["sites"]},
         wildcard_constraints:
             dataset="|".join(_spec["datasets"]),
         params:

@@ -31,6 +31,11 @@ def stats_file(model, dataset, site):
     return f"{site_dir(model, dataset, site)}/activations/stats.h5"
 
 
+def shard_output(path):
+    """Per-shard store files are temp() unless activations.keep_shards."""
+    return path if config["activations"]["keep_shards"] else temp(path)
+
+
 def extraction_params(model):
     """Everything an extraction job of `model` depends on (and nothing else)."""
     return {

@@ -1,0 +1,65 @@
+"""Small command-line helpers: `python -m neuronatlas.cli summary` (end of the demo), `validate`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+
+def _results_dir(configfile: str | None) -> Path:
+    from . import config as nacfg
+
+    path = Path(configfile or nacfg.REPO_ROOT / "config" / "demo.yaml")
+    cfg = nacfg.load(path)
+    return Path(cfg["results_dir"]), cfg
+
+
+def summary(configfile: str | None = None) -> int:
+    """Print where the results are and a short table of what the demo computed."""
+    results, cfg = _results_dir(configfile)
+    table = results / "summary" / "activations.csv"
+    if not table.exists():
+        print(f"no results yet under {results}/ (run `make demo` or `.venv/bin/snakemake`)", file=sys.stderr)
+        return 1
+    frame = pd.read_csv(table)
+    print(f"\nResults are in {results.resolve()}/")
+    report = results / "report.html"
+    if report.exists():
+        print(f"Report: {report.resolve()}")
+    print("\nActivation statistics (one stats.h5 per model x dataset x site):")
+    cols = ["model", "dataset", "site", "layers", "width", "documents", "tokens", "distinct_token_ids"]
+    print(frame[cols].to_string(index=False))
+    size = sum(p.stat().st_size for p in results.rglob("*") if p.is_file())
+    print(f"\n{len(frame)} stores, {frame['tokens'].sum():,} tokens in all; {size / 2**30:.2f} GiB under {results}/")
+    return 0
+
+
+def validate(configfile: str) -> int:
+    """Validate a config file and print the filled-in result."""
+    from . import config as nacfg
+
+    cfg = nacfg.load(configfile)
+    yaml.safe_dump(cfg, sys.stdout, sort_keys=False)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    parser = argparse.ArgumentParser(prog="neuronatlas")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("summary", help="where the results are, and what is in them")
+    p.add_argument("--configfile", default=None)
+    p = sub.add_parser("validate", help="validate a config file and print it with defaults filled in")
+    p.add_argument("configfile")
+    args = parser.parse_args(argv)
+    if args.cmd == "summary":
+        return summary(args.configfile)
+    return validate(args.configfile)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
