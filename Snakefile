@@ -23,9 +23,18 @@ nacfg.validate(config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml"
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
+# common first (paths, grid helpers, the target registry); then one file per stage, in data-flow order.
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/activations.smk"
+include: "workflow/rules/representations.smk"
+include: "workflow/rules/clustering.smk"
+include: "workflow/rules/explanations.smk"
+include: "workflow/rules/ablation.smk"
+include: "workflow/rules/n2g.smk"
+include: "workflow/rules/textualization.smk"
+include: "workflow/rules/modularity.smk"
+include: "workflow/rules/figures.smk"
 
 
 rule all:

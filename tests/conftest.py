@@ -44,3 +44,20 @@ def tiny_models(tmp_path_factory, tokenizers) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def random_params():
     return _random_params
+
+
+@pytest.fixture(scope="session")
+def tiny_dag(tmp_path_factory, tokenizers):
+    """One end-to-end run of the whole workflow on the tiny config; (workdir, validated config).
+
+    Shared by every stage's workflow tests (tests/test_*workflow*.py), so the DAG runs once per session.
+    """
+    import yaml
+
+    from neuronatlas import config as nacfg
+
+    work = tmp_path_factory.mktemp("dag")
+    cfg = helpers.tiny_config(work, tokenizers)
+    (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    helpers.snakemake(work)
+    return work, nacfg.validate(cfg)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +91,13 @@ def tiny_config(tmp: Path, tokenizers: dict[str, Path], **overrides: Any) -> dic
             },
         },
         "activations": {"top_k": 4},
+        # stage sections (each stage inserts its own above its anchor)
+        # @anchor B
+        # @anchor C
+        # @anchor E
+        # @anchor F
+        # @anchor G
+        # @anchor D
     }
     for key, value in overrides.items():
         cfg[key] = value
@@ -103,3 +112,13 @@ def naive_token_means(records: list[tuple[int, np.ndarray]]) -> dict[int, np.nda
         sums[tid] = sums.get(tid, 0) + vec.astype(np.float64)
         counts[tid] = counts.get(tid, 0) + 1
     return {t: sums[t] / counts[t] for t in sums}
+
+
+def snakemake(workdir: Path, *args: str, configfile: str = "tiny.yaml", check: bool = True) -> subprocess.CompletedProcess:
+    """Run the workflow's Snakefile in `workdir` with `workdir/<configfile>`; raise with its output on failure."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--configfile", str(workdir / configfile), "--cores", "2", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return proc

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
 import helpers
 from neuronatlas import config as nacfg
@@ -17,22 +14,9 @@ from neuronatlas import corpus, extract, models, store
 REPO = helpers.REPO
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-           "--configfile", str(workdir / "tiny.yaml"), "--cores", "2", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
-
-
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tokenizers):
-    work = tmp_path_factory.mktemp("dag")
-    cfg = helpers.tiny_config(work, tokenizers)
-    (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
-    snakemake(work)
-    return work, nacfg.validate(cfg)
+def tiny_run(tiny_dag):
+    return tiny_dag
 
 
 def test_dag_produces_every_stats_file(tiny_run):
@@ -67,7 +51,7 @@ def test_dag_stats_equal_direct_library_computation(tiny_run):
 
 def test_rerun_with_nothing_changed_runs_nothing(tiny_run):
     work, _ = tiny_run
-    proc = snakemake(work, "-n")
+    proc = helpers.snakemake(work, "-n")
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 

@@ -131,6 +131,48 @@ def _convert_gguf(out: Path, cache: Path) -> None:
     gguf.unlink(missing_ok=True)
 
 
+def _meta_model(hf_config: Any, fam: Family, head: bool) -> nn.Module:
+    """The model's module structure on the meta device (shapes and parameter names, no memory)."""
+    from transformers import AutoModel
+
+    quiet_transformers()
+    cls = _head_class(fam.kind) if head else AutoModel
+    with torch.device("meta"):
+        return cls.from_config(hf_config)
+
+
+def _checkpoint_keys(load_path: Path) -> set[str] | None:
+    """Tensor names stored in a checkpoint's safetensors files (None when it has none to inspect)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(load_path).glob("*.safetensors"))
+    if not files:
+        return None
+    keys: set[str] = set()
+    for f in files:
+        with safe_open(str(f), "pt") as fh:
+            keys.update(fh.keys())
+    return keys
+
+
+def missing_head_keys(load_path: str | Path, hf_config: Any, fam: Family) -> list[str]:
+    """Task-head parameters (MLM head, LM head, classifier) that the checkpoint lacks; [] = it has its head.
+
+    Tied weights (e.g. a decoder tied to the word embeddings) need not be stored. A checkpoint without
+    safetensors files cannot be inspected cheaply and is assumed complete.
+    """
+    stored = _checkpoint_keys(Path(load_path))
+    if stored is None:
+        return []
+    model = _meta_model(hf_config, fam, head=True)
+    prefix = f"{model.base_model_prefix}."
+    tied = set((getattr(model, "_tied_weights_keys", None) or {})) if getattr(model.config, "tie_word_embeddings", False) else set()
+    need = [k for k in model.state_dict() if not k.startswith(prefix) and k not in tied]
+    # a stored name may carry a different prefix or legacy leaf names (gamma/beta): match on the module path
+    stored_modules = {k.rsplit(".", 1)[0] for k in stored}
+    return [k for k in need if not any(m.endswith(k.rsplit(".", 1)[0]) for m in stored_modules)]
+
+
 def prepare(params: Mapping[str, Any], out_dir: str | Path, init_from_manifest: str | Path | None = None) -> dict[str, Any]:
     """Resolve / materialise a model and write `out_dir/manifest.json` describing how to load it."""
     out_dir = Path(out_dir)
@@ -182,10 +224,11 @@ def prepare(params: Mapping[str, Any], out_dir: str | Path, init_from_manifest: 
     fam = family_for(hf_config.model_type, params.get("family") or "auto")
     tokenizer_path = load_path
     tok = _load_tokenizer(tokenizer_path) if fam.kind != "image" else None
-    model = load_base(str(load_path), torch.device("cpu"), torch.float32)
-    base = base_model(model)
-    sites = {s: list(site_shape(base, fam, s)) for s in ("residual", "mlp", "ffn_out")}
-    n_params = int(sum(p.numel() for p in model.parameters()))
+    # shapes from the module structure on the meta device: no weights are read (Mistral-7B would need 29 GB)
+    skeleton = _meta_model(hf_config, fam, head=False)
+    sites = {s: list(site_shape(base_model(skeleton), fam, s)) for s in ("residual", "mlp", "ffn_out")}
+    n_params = int(sum(p.numel() for p in skeleton.parameters()))
+    missing_head = missing_head_keys(load_path, hf_config, fam)
     info.update(
         manifest_version=MANIFEST_VERSION,
         library_version=__version__,
@@ -196,13 +239,15 @@ def prepare(params: Mapping[str, Any], out_dir: str | Path, init_from_manifest: 
         tokenizer_path=str(tokenizer_path),
         sites=sites,
         n_params=n_params,
+        has_head=not missing_head,
+        missing_head_keys=missing_head[:8],
         params_hash=config_hash(dict(params)),
     )
     if tok is not None:
         prefix, suffix = special_layout(tok)
         info.update(
             vocab_size=int(len(tok)),
-            embedding_rows=int(base.get_input_embeddings().weight.shape[0]),
+            embedding_rows=int(base_model(skeleton).get_input_embeddings().weight.shape[0]),
             special_ids=sorted({int(i) for i in tok.all_special_ids}),
             prefix_ids=prefix,
             suffix_ids=suffix,
@@ -257,13 +302,46 @@ class LoadedModel:
         return base_model(self.model)
 
 
-def load(manifest_path: str | Path, device: str = "auto", dtype: str = "auto", threads: int | None = None) -> LoadedModel:
-    """Load a prepared model (its manifest.json) on the configured device and dtype."""
+def load_with_head(path: str | Path, kind: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Load a model with its task head (MLM head, LM head or image classifier) in eval mode."""
+    quiet_transformers()
+    try:
+        model = _head_class(kind).from_pretrained(str(path), dtype=dtype)
+    except OSError as exc:
+        raise ModelUnavailableError(f"cannot load model with its head from {path}: {exc}") from exc
+    return model.to(device).eval()
+
+
+def load(
+    manifest_path: str | Path,
+    device: str = "auto",
+    dtype: str = "auto",
+    threads: int | None = None,
+    head: bool = False,
+    head_path: str | Path | None = None,
+) -> LoadedModel:
+    """Load a prepared model (its manifest.json) on the configured device and dtype.
+
+    `head=True` loads the task head too (masked LM, causal LM or classifier), from the model itself or,
+    when it has none (the packaged MiniLM), from `head_path`: a complete HF folder such as the one the
+    workflow's fit_mlm_head rule writes. Without either, a clear error instead of a random head.
+    """
     manifest = read_json(manifest_path)
     if threads:
         torch.set_num_threads(int(threads))
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    model = load_base(manifest["load_path"], dev, dt)
+    if not head:
+        model = load_base(manifest["load_path"], dev, dt)
+    elif head_path is not None:
+        model = load_with_head(head_path, manifest["kind"], dev, dt)
+    elif manifest.get("has_head", True):
+        model = load_with_head(manifest["load_path"], manifest["kind"], dev, dt)
+    else:
+        raise ModelUnavailableError(
+            f"model {manifest['model']!r} ({manifest['origin']}) has no trained task head (missing e.g. "
+            f"{', '.join(manifest.get('missing_head_keys', [])[:3])}); pass the folder of a fitted head "
+            "(the workflow's fit_mlm_head rule writes one) instead of using random head weights."
+        )
     tok = _load_tokenizer(manifest["tokenizer_path"]) if manifest["kind"] != "image" else None
     return LoadedModel(model, tok, FAMILIES[manifest["family"]], manifest, dev, dt)

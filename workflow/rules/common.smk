@@ -47,9 +47,25 @@ def extraction_params(model):
     }
 
 
+# Each stage file registers a function returning its final outputs for the configured grid;
+# `rule all` asks for all of them. A stage that the config leaves empty returns [].
+STAGE_TARGETS = {}
+
+
+def register_targets(stage, fn):
+    """Add a stage's final outputs (a zero-argument function returning paths) to `rule all`."""
+    STAGE_TARGETS[stage] = fn
+
+
 def all_targets():
-    """Every final output of the configured grid."""
-    targets = [f"{R}/summary/activations.csv"]
-    for m, d, s in nacfg.grid(config):
-        targets.append(stats_file(m, d, s))
+    """Every final output of the configured grid, stage by stage."""
+    targets = []
+    for fn in STAGE_TARGETS.values():
+        targets.extend(fn())
     return targets
+
+
+register_targets(
+    "activations",
+    lambda: [f"{R}/summary/activations.csv"] + [stats_file(m, d, s) for m, d, s in nacfg.grid(config)],
+)
