@@ -312,6 +312,17 @@ def load_with_head(path: str | Path, kind: str, device: torch.device, dtype: tor
     return model.to(device).eval()
 
 
+def _has_head(manifest: dict[str, Any]) -> bool:
+    """Whether the prepared checkpoint has its task head (checked now for manifests that predate the field)."""
+    if "has_head" not in manifest:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(manifest["load_path"])
+        missing = missing_head_keys(manifest["load_path"], cfg, FAMILIES[manifest["family"]])
+        manifest.update(has_head=not missing, missing_head_keys=missing[:8])
+    return bool(manifest["has_head"])
+
+
 def load(
     manifest_path: str | Path,
     device: str = "auto",
@@ -335,7 +346,7 @@ def load(
         model = load_base(manifest["load_path"], dev, dt)
     elif head_path is not None:
         model = load_with_head(head_path, manifest["kind"], dev, dt)
-    elif manifest.get("has_head", True):
+    elif _has_head(manifest):
         model = load_with_head(manifest["load_path"], manifest["kind"], dev, dt)
     else:
         raise ModelUnavailableError(
