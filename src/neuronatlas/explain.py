@@ -1,0 +1,114 @@
+"""Cluster explanations of Zhang, Gu & Yao (section 5.4): the top-activating tokens of each cluster.
+
+A cluster's representation is the mean of its members' representations (unit-normalised rows by default,
+the geometry the clusters were built in, so that no single high-norm neuron dominates); its top-N tokens
+are the columns with the largest values. Ties are broken by the lower token id.
+
+CSV columns: ``cluster, rank, token_id, token, score, text, value, token_count, cluster_size`` where
+``score`` is the ranked value (mean of unit-normalised rows when ``normalize``), ``value`` the mean of the
+members' un-normalised representation values, ``token`` the tokenizer's token string, ``text`` its
+decoded text, ``token_count`` its occurrences in the dataset.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .clustering import cluster_sums
+from .io import atomic_path
+from .representations import Representation
+
+COLUMNS = ("cluster", "rank", "token_id", "token", "score", "text", "value", "token_count", "cluster_size")
+
+
+def top_tokens(rep: Representation, neuron_ids: np.ndarray, labels: np.ndarray, k: int, top_n: int = 30,
+               normalize: bool = True) -> list[dict[str, Any]]:
+    """Rows of the explanation table for clusters 0..k-1 over the given neurons (cluster c's members:
+    neuron_ids[labels == c]); clusters without members get no rows."""
+    neuron_ids = np.asarray(neuron_ids, np.int64)
+    sizes = np.bincount(labels, minlength=k)
+    value = cluster_sums(rep.values, labels, k, rows=neuron_ids)
+    if normalize:
+        norms = np.empty(neuron_ids.size)
+        for r0 in range(0, neuron_ids.size, 4096):
+            xb = rep.values[neuron_ids[r0 : r0 + 4096]]
+            norms[r0 : r0 + 4096] = np.sqrt(np.einsum("ij,ij->i", xb, xb, dtype=np.float64))
+        w = np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0)
+        scores = cluster_sums(rep.values, labels, k, weights=w, rows=neuron_ids)
+    else:
+        scores = value
+    rows: list[dict[str, Any]] = []
+    n = min(top_n, rep.token_ids.shape[0])
+    for c in range(k):
+        if sizes[c] == 0:
+            continue
+        sc = scores[c] / sizes[c]
+        order = np.lexsort((rep.token_ids, -sc))[:n]  # score desc, token id asc
+        for r, j in enumerate(order, start=1):
+            rows.append({
+                "cluster": c, "rank": r, "token_id": int(rep.token_ids[j]), "token": rep.tokens[j], "score": float(sc[j]),
+                "text": rep.text[j], "value": float(value[c, j] / sizes[c]), "token_count": int(rep.token_count[j]),
+                "cluster_size": int(sizes[c]),
+            })
+    return rows
+
+
+def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Write explanation rows as CSV atomically (columns COLUMNS)."""
+    with atomic_path(path, suffix=".csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        for row in rows:
+            w.writerow({c: (f"{row[c]:.6g}" if isinstance(row[c], float) else row[c]) for c in COLUMNS})
+
+
+def read_csv(path: str | Path) -> list[dict[str, Any]]:
+    """Read an explanation CSV (numbers converted)."""
+    ints = ("cluster", "rank", "token_id", "token_count", "cluster_size")
+    with open(path, newline="", encoding="utf-8") as fh:
+        out = []
+        for row in csv.DictReader(fh):
+            for c in ints:
+                row[c] = int(row[c])
+            row["score"], row["value"] = float(row["score"]), float(row["value"])
+            out.append(row)
+    return out
+
+
+def markdown(rows: Sequence[Mapping[str, Any]], title: str, cluster_prefix: str, k: int, suffix: str,
+             layers: Mapping[int, Sequence[int]] | None = None, n_tokens: int = 10) -> str:
+    """Markdown in the format of the paper's Tables 1 and 4 (Cluster ID, Tokens), one block per cluster.
+
+    The paper's "Theme" lines were written with ChatGPT; they are not generated here.
+    """
+    by_cluster: dict[int, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        by_cluster.setdefault(int(row["cluster"]), []).append(row)
+    lines = [f"# {title}", "",
+             "Top-activating tokens per cluster (cluster representation = mean of its members; tokens ranked by it). "
+             "The paper's *Theme* lines were abstracted with ChatGPT and are not generated here.", ""]
+    for c in sorted(by_cluster):
+        rs = sorted(by_cluster[c], key=lambda r: r["rank"])[:n_tokens]
+        lines.append(f"**Cluster ID:** {cluster_prefix}-{c}/{k}{suffix}")
+        lines.append("")
+        size = rs[0]["cluster_size"]
+        if layers is not None and c in layers:
+            ls = sorted(set(layers[c]))
+            lines.append(f"**Neurons:** {size} (layers {', '.join(map(str, ls))})")
+        else:
+            lines.append(f"**Neurons:** {size}")
+        lines.append("")
+        lines.append(f"**Top-activating Tokens:** {[r['token'] for r in rs]!r}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_path(path, suffix=Path(path).suffix or ".txt") as tmp:
+        Path(tmp).write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")

@@ -1,0 +1,140 @@
+"""The neuron-cluster stages in the tiny end-to-end DAG (fixture tiny_dag): path/column contracts, agreement
+with a direct scipy computation, no special/filtered token explained, and config edits re-running only the
+affected jobs (dry runs)."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import pdist
+
+import helpers
+from neuronatlas import cluster_jobs as clj
+from neuronatlas import clustering as cl
+from neuronatlas import representations as rp
+from neuronatlas.io import read_json
+
+
+@pytest.fixture(scope="module")
+def run(tiny_dag):
+    return tiny_dag
+
+
+def test_outputs_follow_the_stage_contracts(run):
+    work, cfg = run
+    R = Path(cfg["results_dir"])
+    grid = clj.grid(cfg)
+    assert grid == [("tbert", "fix", "mlp")]
+    top_n = cfg["explanations"]["top_n"]
+    for m, d, s in grid:
+        base = R / m / d / s
+        for v in cfg["representations"]["variants"]:
+            rep = rp.read(base / "representations" / f"{v}.h5", values=False)
+            width, n = rep.width, rep.n_neurons
+            for k in cfg["clustering"]["k"]:
+                full = cl.read_parquet(base / "clusters" / v / f"k{k}.parquet")
+                assert list(full) == ["neuron_id", "layer", "index", "cluster"]
+                assert all(a.dtype == np.int64 for a in full.values())
+                assert np.array_equal(full["neuron_id"], np.arange(n))
+                assert np.array_equal(full["neuron_id"], full["layer"] * width + full["index"])
+                assert sorted(set(full["cluster"])) == list(range(k))
+                ref = cl.read_parquet(base / "clusters" / v / f"k{k}-refined.parquet")
+                assert list(ref) == list(full) and set(ref["neuron_id"]) <= set(full["neuron_id"])
+                assert np.array_equal(ref["cluster"], full["cluster"][ref["neuron_id"]])
+                assert sorted(set(ref["cluster"])) == list(range(k))  # refinement never empties a cluster
+                assert (base / "clusters" / v / f"k{k}-refine-trace.parquet").exists()
+                for suffix in ("", "-refined"):
+                    with open(base / "explanations" / v / f"k{k}{suffix}.csv") as fh:
+                        rows = list(csv.DictReader(fh))
+                    assert list(rows[0])[:5] == ["cluster", "rank", "token_id", "token", "score"]
+                    for c in {int(r["cluster"]) for r in rows}:
+                        ranks = [int(r["rank"]) for r in rows if int(r["cluster"]) == c]
+                        assert ranks == list(range(1, min(top_n, len(rep.tokens)) + 1))
+                    assert "**Cluster ID:** fix-" in (base / "explanations" / v / f"k{k}{suffix}.md").read_text()
+        for fig in ("fig1-refinement", "fig2-distance-vs-k", "fig3-token-embeddings", "fig5-neuron-positions"):
+            assert (R / "figures" / "clusters" / m / d / s / f"{fig}.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("tokens", "refinement", "within-distance", "index-clustering", "stability"):
+        assert (R / "tables" / "clusters" / f"{name}.csv").stat().st_size > 0
+        assert (R / "tables" / "clusters" / f"{name}.md").read_text().count("|") > 10
+
+
+def test_dag_clusters_equal_a_direct_scipy_clustering(run):
+    work, cfg = run
+    base = Path(cfg["results_dir"]) / "tbert" / "fix" / "mlp"
+    for v in cfg["representations"]["variants"]:
+        rep = rp.read(base / "representations" / f"{v}.h5")
+        Z = linkage(pdist(rep.values.astype(np.float64), "cosine"), "complete")
+        for k in cfg["clustering"]["k"]:
+            labels = cl.read_parquet(base / "clusters" / v / f"k{k}.parquet")["cluster"]
+            assert cl.adjusted_rand_index(labels, fcluster(Z, k, "maxclust")) == pytest.approx(1.0)
+
+
+def test_dag_explanations_never_show_special_or_filtered_tokens(run):
+    work, cfg = run
+    R = Path(cfg["results_dir"])
+    base = R / "tbert" / "fix" / "mlp"
+    specials = set(read_json(R / "models" / "tbert" / "manifest.json")["special_ids"])
+    raw = rp.read(base / "representations" / "raw.h5", values=False)
+    filt = rp.read(base / "representations" / "filter.h5", values=False)
+    assert not specials & set(raw.token_ids.tolist())
+    assert filt.token_count.min() >= cfg["representations"]["min_count"]["fix"]
+    for path in (base / "explanations").rglob("*.csv"):
+        with open(path) as fh:
+            ids = {int(r["token_id"]) for r in csv.DictReader(fh)}
+        assert not ids & specials
+        allowed = raw if path.parent.name == "raw" else filt
+        assert ids <= set(allowed.token_ids.tolist()), path
+
+
+def planned_jobs(work: Path, cfg: dict, name: str) -> list[tuple[str, str]]:
+    """(rule, wildcards) of the jobs a dry run with config `cfg` would run."""
+    (work / name).write_text(yaml.safe_dump(cfg))
+    proc = helpers.snakemake(work, "-n", configfile=name)
+    jobs, rule = [], None
+    for line in proc.stdout.splitlines():
+        m = re.match(r"^\s*(?:local)?rule (\w+):", line)
+        if m:
+            rule = m.group(1)
+            jobs.append((rule, ""))
+        m = re.match(r"^\s*wildcards: (.*)$", line)
+        if m and jobs:
+            jobs[-1] = (jobs[-1][0], m.group(1))
+    return [j for j in jobs if j[0] != "all"]
+
+
+UPSTREAM = {"shard_corpus", "prepare_model", "merge_activations", "summarize_activations"}
+
+
+def cluster_jobs(jobs):
+    """The jobs of this method's rules; other stages' jobs that consume its outputs may follow, but never upstream ones."""
+    assert not [r for r, _ in jobs if r in UPSTREAM or r.startswith("extract_activations")], jobs
+    return [(r, w) for r, w in jobs if r.startswith("cluster_")]
+
+
+def test_config_edits_rerun_only_the_affected_cluster_jobs(run):
+    work, cfg = run
+    raw_cfg = yaml.safe_load((work / "tiny.yaml").read_text())
+    # a new K: only that K's cut and refine jobs, plus the method-wide tables
+    c = copy.deepcopy(raw_cfg)
+    c["clustering"]["k"] = [2, 4, 3]
+    jobs = cluster_jobs(planned_jobs(work, c, "edit-k.yaml"))
+    assert sorted(r for r, _ in jobs) == sorted(["cluster_cut"] * 2 + ["cluster_refine"] * 2 + ["cluster_tables"]), jobs
+    assert all("k=3" in w for r, w in jobs if r != "cluster_tables")
+    # one dataset's frequency threshold: filter and what derives from it, never raw
+    c = copy.deepcopy(raw_cfg)
+    c["representations"]["min_count"]["fix"] = 3
+    jobs = cluster_jobs(planned_jobs(work, c, "edit-min-count.yaml"))
+    assert not any("variant=raw" in w for _, w in jobs)
+    assert ("cluster_representation", "model=tbert, dataset=fix, site=mlp, variant=filter") in jobs
+    # the refinement threshold: refine jobs (and their consumers) only, never a cut or a tree
+    c = copy.deepcopy(raw_cfg)
+    c["clustering"]["refine_threshold"] = 0.5
+    rules = {r for r, _ in cluster_jobs(planned_jobs(work, c, "edit-threshold.yaml"))}
+    assert "cluster_refine" in rules and not rules & {"cluster_cut", "cluster_tree", "cluster_representation"}

@@ -1,0 +1,246 @@
+"""Neuron representations (Zhang et al. 5.1-5.2): eq. 1 means, special tokens, filter, TF-IDF, smoothing,
+word vectors (GloVe, .vec, fastText .bin) against hand-computed examples and naive references."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from neuronatlas import representations as rp
+from neuronatlas import store, vectors
+from neuronatlas.errors import AssetMissingError, NeuronAtlasError
+
+
+def make_store(path: Path, token_ids, counts, sums, model="m", dataset="d", site="mlp", shard=0) -> Path:
+    """Write a store file with the given per-token sums (L, V, W)."""
+    sums = np.asarray(sums, dtype=np.float64)
+    L, V, W = sums.shape
+    st = store.SiteStats(
+        np.asarray(token_ids, np.int64), np.asarray(counts, np.int64), sums,
+        {n: np.zeros((L, W), np.int64 if n == "count" else np.float64) for n in store.NEURON_FIELDS},
+        store.empty_topk(L, W, 2),
+        {"model": model, "dataset": dataset, "site": site, "n_tokens": int(np.sum(counts)), "shard": shard},
+    )
+    store.write(path, st, token_sum_dtype="float64")
+    return path
+
+
+def bert_manifest(tokenizers) -> dict:
+    return {"tokenizer_path": str(tokenizers["bert"]), "special_ids": [0, 2, 3]}  # [PAD] [CLS] [SEP] (not [UNK]=1, [MASK]=4)
+
+
+def test_raw_is_eq1_means_without_special_tokens(tmp_path, tokenizers):
+    rng = np.random.default_rng(0)
+    ids = [0, 1, 2, 3, 4, 10, 11, 57]
+    counts = [5, 1, 7, 7, 1, 3, 2, 9]
+    sums = rng.standard_normal((2, len(ids), 3))
+    path = make_store(tmp_path / "s.h5", ids, counts, sums)
+    rep = rp.raw_from_store(path, bert_manifest(tokenizers), progress=False)
+    # manifest specials 0, 2, 3 and the tokenizer-flagged specials [UNK]=1, [MASK]=4 are dropped
+    assert list(rep.token_ids) == [10, 11, 57]
+    assert rep.attrs["n_special_dropped"] == 5
+    assert set(rep.attrs["special_dropped"]) == {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"}
+    assert rep.values.shape == (6, 3) and rep.values.dtype == np.float32
+    for layer in range(2):
+        for w in range(3):
+            n = layer * 3 + w
+            for j, tid in enumerate(rep.token_ids):
+                v = ids.index(int(tid))
+                assert rep.values[n, j] == pytest.approx(sums[layer, v, w] / counts[v], rel=1e-6)
+    assert list(rep.layer) == [0, 0, 0, 1, 1, 1] and list(rep.index) == [0, 1, 2, 0, 1, 2]
+    assert rep.tokens == [tokenizers_token(tokenizers, i) for i in (10, 11, 57)]
+
+
+def tokenizers_token(tokenizers, i: int) -> str:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tokenizers["bert"] / "tokenizer.json")).id_to_token(i)
+
+
+def test_raw_from_several_stores_adds_them(tmp_path, tokenizers):
+    a = make_store(tmp_path / "a.h5", [10, 11], [2, 3], np.ones((1, 2, 2)), shard=0)
+    b = make_store(tmp_path / "b.h5", [11, 12], [1, 4], 2 * np.ones((1, 2, 2)), shard=1)
+    rep = rp.raw_from_store([a, b, b], bert_manifest(tokenizers), progress=False)  # b twice: bootstrap
+    assert list(rep.token_ids) == [10, 11, 12] and list(rep.token_count) == [2, 5, 8]
+    np.testing.assert_allclose(rep.values[:, 1], (1 + 2 + 2) / 5)
+    np.testing.assert_allclose(rep.values[:, 2], (2 + 2) / 8)
+
+
+def test_write_read_roundtrip(tmp_path):
+    rep = rp.Representation(np.arange(12, dtype=np.float32).reshape(4, 3), np.array([5, 7, 9]), np.array([3, 2, 1]),
+                            ["a", "##b", "ç"], ["a", "b", "ç"], 2, 2, {"model": "m", "variant": "raw", "list": [1, 2]})
+    rp.write(tmp_path / "r.h5", rep)
+    back = rp.read(tmp_path / "r.h5")
+    np.testing.assert_array_equal(back.values, rep.values)
+    assert back.tokens == rep.tokens and back.text == rep.text and back.attrs["list"] == [1, 2]
+    meta = rp.read(tmp_path / "r.h5", values=False)
+    assert meta.values.size == 0 and list(meta.token_ids) == [5, 7, 9]
+
+
+def toy(values, counts=None) -> rp.Representation:
+    values = np.asarray(values, np.float32)
+    n, t = values.shape
+    return rp.Representation(values, np.arange(100, 100 + t), np.asarray(counts if counts is not None else [1] * t), [f"t{i}" for i in range(t)],
+                             [f"t{i}" for i in range(t)], 1, n, {})
+
+
+def test_frequency_filter():
+    rep = toy(np.arange(8).reshape(2, 4), counts=[1, 5, 3, 20])
+    out = rp.frequency_filter(rep, 3)
+    assert list(out.token_ids) == [101, 102, 103] and out.tokens == ["t1", "t2", "t3"]
+    np.testing.assert_array_equal(out.values, [[1, 2, 3], [5, 6, 7]])
+    assert out.attrs["n_tokens_after_filter"] == 3 and out.attrs["n_tokens_before_filter"] == 4
+    with pytest.raises(NeuronAtlasError, match="keeps no token"):
+        rp.frequency_filter(rep, 21)
+
+
+def test_tfidf_hand_computed():
+    R = np.array([[2.0, -1.0, 0.5], [1.0, 3.0, -2.0], [0.0, 1.0, 4.0]], np.float32)
+    # df: token0 -> 2 (neurons 0,1), token1 -> 2 (1,2), token2 -> 2 (0,2); N = 3
+    idf = np.log(4 / 3) + 1
+    clip = rp.tfidf(R, "clip")
+    np.testing.assert_allclose(clip, np.maximum(R, 0) * idf, rtol=1e-6)
+    R2 = np.array([[1.0, 1.0], [2.0, -1.0]], np.float32)  # df = [2, 1]
+    expect = np.array([[1 * (np.log(3 / 3) + 1), 1 * (np.log(3 / 2) + 1)], [2 * 1.0, -1 * (np.log(3 / 2) + 1)]])
+    np.testing.assert_allclose(rp.tfidf(R2, "signed"), expect, rtol=1e-6)
+    with pytest.raises(NeuronAtlasError):
+        rp.tfidf(R2, "abs")
+
+
+def test_neighbours_and_smoothing_hand_computed():
+    # 4 tokens; token 3 has no vector
+    vec = np.array([[1, 0], [1, 1], [0, 1], [0, 0]], np.float32)
+    has = np.array([True, True, True, False])
+    idx, sim = rp.neighbours(vec, has, k=2)
+    s = 1 / np.sqrt(2)
+    assert idx[0].tolist() == [1, 2] and sim[0] == pytest.approx([s, 0.0], abs=1e-6)
+    assert idx[1].tolist() == [0, 2] and sim[1] == pytest.approx([s, s], abs=1e-6)  # tie -> lower column first
+    assert idx[2].tolist() == [1, 0]
+    assert idx[3].tolist() == [-1, -1]
+    R = np.array([[1.0, 2.0, 3.0, 4.0], [0.0, -1.0, 1.0, 5.0]], np.float32)
+    out = rp.smooth(R, idx, sim, lam=0.5, k=2)
+    expect = R.astype(np.float64).copy()
+    for v in range(3):
+        for i, sv in zip(idx[v], sim[v]):
+            expect[:, v] += 0.5 / 2 * sv * R[:, i]
+    np.testing.assert_allclose(out, expect, rtol=1e-6)
+    assert np.array_equal(out[:, 3], R[:, 3])  # no vector: unchanged
+
+
+def test_vector_keys():
+    assert rp.vector_key("##ing", "##ing") == "ing"
+    assert rp.vector_key(" The", "▁The") == "the"
+    assert rp.vector_key("", "Ġhello") == "hello"
+
+
+class DictVectors(vectors.TableVectors):
+    def __init__(self, table):
+        super().__init__("test", list(table), np.asarray(list(table.values()), np.float32))
+
+
+def test_smooth_representation_counts_tokens_without_vector():
+    rep = toy([[1, 2, 3], [4, 5, 6]])
+    rep.text = ["cat", "##dog", "zzz"]
+    vec = DictVectors({"cat": [1, 0], "dog": [1, 0.1]})
+    out = rp.smooth_representation(rep, vec, k=5, lam=0.5)
+    assert out.attrs["n_tokens_without_vector"] == 1 and out.attrs["tokens_without_vector_sample"] == ["zzz"]
+    sim = (1 * 1 + 0) / np.sqrt(1 + 0.01)
+    np.testing.assert_allclose(out.values[:, 0], rep.values[:, 0] + 0.5 / 5 * sim * rep.values[:, 1], rtol=1e-6)
+    np.testing.assert_array_equal(out.values[:, 2], rep.values[:, 2])
+
+
+def test_packaged_glove_lookup():
+    g = vectors.load("glove-6b-50d")
+    mat, found = g.lookup(["the", "king", "##nope", ""])
+    assert found.tolist() == [True, True, False, False] and mat.shape == (4, 50)
+    assert np.abs(mat[0]).sum() > 0 and not mat[2].any()
+
+
+def test_vec_text_file(tmp_path):
+    p = tmp_path / "v.vec"
+    p.write_text("3 2\nfoo 1 2\nbar 0.5 -1\nfoo 9 9\n")
+    v = vectors.load(str(p))
+    mat, found = v.lookup(["bar", "foo", "baz"])
+    assert found.tolist() == [True, True, False]
+    np.testing.assert_allclose(mat[:2], [[0.5, -1], [1, 2]])  # the first occurrence wins
+    (tmp_path / "bad.vec").write_text("nonsense\n")
+    with pytest.raises(NeuronAtlasError, match="count> <dim"):
+        vectors.load(str(tmp_path / "bad.vec"))
+
+
+def test_missing_vectors_file_is_a_clear_error(tmp_path):
+    with pytest.raises(AssetMissingError, match="representations.smoothing.vectors"):
+        vectors.load(str(tmp_path / "cc.en.300.bin"))
+
+
+def _ref_hash(s: bytes) -> int:
+    h = 2166136261
+    for b in s:
+        h = (h ^ (b if b < 128 else (b | 0xFFFFFF00))) % 2**32  # int8 -> uint32 sign extension
+        h = (h * 16777619) % 2**32
+    return h
+
+
+def _ref_ngrams(word: str, minn: int, maxn: int) -> list[bytes]:
+    # ASCII-only reference: all substrings of <word> of length minn..maxn except the bare "<" and ">"
+    w = f"<{word}>"
+    return [w[i:i + n].encode() for i in range(len(w)) for n in range(minn, maxn + 1)
+            if i + n <= len(w) and not (n == 1 and (i == 0 or i + n == len(w)))]
+
+
+def write_fasttext_bin(path: Path, words: list[str], dim: int, bucket: int, minn: int, maxn: int, seed: int = 0) -> np.ndarray:
+    """A tiny fastText model file in Facebook's binary format (version 12); returns its input matrix."""
+    rng = np.random.default_rng(seed)
+    inp = rng.standard_normal((len(words) + bucket, dim)).astype(np.float32)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<ii", 793712314, 12))
+        f.write(struct.pack("<12i", dim, 5, 5, 1, 5, 1, 1, 2, bucket, minn, maxn, 100))  # ... loss, model=skipgram
+        f.write(struct.pack("<d", 1e-4))
+        f.write(struct.pack("<iii", len(words), len(words), 0))
+        f.write(struct.pack("<qq", 1000, -1))  # ntokens, pruneidx_size (-1: not pruned)
+        for w in words:
+            f.write(w.encode() + b"\0" + struct.pack("<q", 10) + struct.pack("<b", 0))
+        f.write(b"\0")  # quant_input false
+        f.write(struct.pack("<qq", inp.shape[0], dim))
+        f.write(inp.tobytes())
+        f.write(b"\0")  # qout false
+        f.write(struct.pack("<qq", 1, dim))
+        f.write(np.zeros(dim, np.float32).tobytes())
+    return inp
+
+
+def test_fasttext_bin_reader_matches_reference(tmp_path):
+    words, dim, bucket, minn, maxn = ["cat", "dog", "house"], 4, 50, 2, 3
+    inp = write_fasttext_bin(tmp_path / "tiny.bin", words, dim, bucket, minn, maxn)
+    ft = vectors.load(str(tmp_path / "tiny.bin"))
+    assert isinstance(ft, vectors.FastTextVectors) and ft.dim == dim
+    for w in ("cat", "cats", "##x"):
+        rows = ([words.index(w)] if w in words else []) + [len(words) + _ref_hash(g) % bucket for g in _ref_ngrams(w, minn, maxn)]
+        expect = inp[rows].astype(np.float64).mean(axis=0)
+        mat, found = ft.lookup([w])
+        assert found[0]
+        np.testing.assert_allclose(mat[0], expect, rtol=1e-5, atol=1e-6)
+    assert vectors.fnv1a("é".encode()) == _ref_hash("é".encode())
+    (tmp_path / "bad.bin").write_bytes(b"\0" * 64)
+    with pytest.raises(NeuronAtlasError, match="not a fastText binary"):
+        vectors.load(str(tmp_path / "bad.bin"))
+
+
+def test_downloadable_vectors_resolve_to_the_fetched_path_and_fail_clearly_offline(tmp_path, monkeypatch):
+    from neuronatlas import vectors
+    from neuronatlas.errors import AssetMissingError
+
+    assert vectors.resolve("fasttext-cc-en-300", "res") == "res/vectors/fasttext-cc-en-300.bin"
+    assert vectors.resolve("glove-6b-50d", "res") == "glove-6b-50d"
+    assert vectors.resolve("data/x.bin", "res") == "data/x.bin"
+    # an unreachable URL (port 9 refuses at once): an error naming the key, and nothing half-written
+    monkeypatch.setitem(vectors.DOWNLOADS, "fasttext-cc-en-300", "http://127.0.0.1:9/cc.en.300.bin.gz")
+    out = tmp_path / "v.bin"
+    with pytest.raises(AssetMissingError, match="representations.smoothing.vectors"):
+        vectors.fetch("fasttext-cc-en-300", out)
+    assert not out.exists() and not list(tmp_path.iterdir())
+    with pytest.raises(AssetMissingError, match="no download known"):
+        vectors.fetch("nope", out)
