@@ -1,0 +1,75 @@
+"""The modularity rules in the tiny end-to-end DAG (tests/helpers.tiny_config, experiment `img`): a tiny ViT
+trained by the workflow on 100 Fashion-MNIST images, its random twin, scores, search, effects, overlaps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from neuronatlas import modularity as mod
+from neuronatlas import store
+from neuronatlas.io import read_json
+
+
+@pytest.fixture(scope="module")
+def run(tiny_dag):
+    work, cfg = tiny_dag
+    return Path(cfg["results_dir"]), cfg
+
+
+def test_trained_vit_and_twin_are_prepared(run):
+    R, cfg = run
+    man = read_json(R / "models" / "tvit" / "manifest.json")
+    training = read_json(R / "models" / "tvit" / "trained" / "training.json")
+    assert man["source"] == "train" and man["kind"] == "image" and man["has_head"]
+    assert man["training"]["test_accuracy"] == training["test_accuracy"] and len(training["history"]) == 12
+    twin = read_json(R / "models" / "tvit_random" / "manifest.json")
+    assert twin["sites"] == man["sites"] and twin["kind"] == "image"
+    with store.open_store(R / "tvit" / "fimg" / "mlp" / "activations" / "stats.h5") as s:
+        assert s.has_label_stats and not s.has_token_stats and len(s.labels()) == 10
+        np.testing.assert_allclose(s.label_neuron("abs_sum").sum(0), s.neuron("abs_sum"), rtol=1e-6)
+
+
+def test_scores_are_eq1_of_the_stores(run):
+    R, cfg = run
+    for m in ("tvit", "tvit_random"):
+        sf = mod.read_scores(R / m / "modularity" / "img" / "scores.h5")
+        with store.open_store(R / m / "fimg" / "mlp" / "activations" / "stats.h5") as s:
+            labels, lab = s.labels(), s.label_abs_mean()
+            ref = s.neuron_abs_mean()
+        assert [t.label for t in sf.tasks] == labels
+        np.testing.assert_allclose(sf.scores, lab / (cfg["modularity"]["epsilon"] + ref)[None], rtol=1e-5)
+        assert len(pd.read_csv(R / m / "modularity" / "img" / "tasks.csv")) == 10
+
+
+def test_search_effects_and_overlaps_are_consistent(run):
+    R, cfg = run
+    base = R / "tvit" / "modularity" / "img"
+    search = pd.read_csv(base / "search-d50.csv")
+    effects = pd.read_csv(base / "effects-d50.csv")
+    assert len(search) == 10 and len(effects) == 100
+    searched = search[search["evaluations"] > 0]
+    assert len(searched) > 0
+    for row in searched.itertuples():
+        diag = effects[(effects.target_key == row.key) & (effects.eval_key == row.key)].iloc[0]
+        assert diag.relative == pytest.approx(100 * row.relative, abs=1e-6)
+        pts = pd.read_csv(base / "search-points-d50.csv").query("key == @row.key")
+        assert row.n_pruned in set(pts["n_pruned"]) and len(pts) <= cfg["modularity"]["search"]["max_steps"]
+    wide = pd.read_csv(R / "tables" / "modularity" / "img" / "effects-tvit-d50.csv", index_col=0)
+    assert wide.shape == (10, 10)
+    # overlaps: recomputed from the scores at the searched fractions, the twin with the same fractions
+    ov = pd.read_csv(R / "modularity" / "img" / "overlap.csv")
+    frac = search.set_index("key")["fraction"]
+    for role, m in (("trained", "tvit"), ("random", "tvit_random")):
+        sf = mod.read_scores(R / m / "modularity" / "img" / "scores.h5")
+        n = int(np.prod(sf.scores.shape[1:]))
+        sel = np.stack([mod.select_top(sf.scores[i], mod.n_selected(frac[t.key], n)) for i, t in enumerate(sf.tasks)])
+        mat = mod.overlap_matrix(sel)
+        got = ov[ov.model == role].pivot(index="task_i", columns="task_j", values="overlap")
+        names = [t.name for t in sf.tasks]
+        np.testing.assert_allclose(got.loc[names, names].to_numpy(), 100 * mat, equal_nan=True)
+    for f in ("effects-tvit-d50.png", "search-tvit-d50.png", "overlap.png", "overlap-sorted.png"):
+        assert (R / "figures" / "modularity" / "img" / f).stat().st_size > 0
