@@ -6,6 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.neuronatlas-setup
 CORES ?= 2
+# memory budget (MB) of concurrent local demo jobs (each job declares its mem_mb)
+MEM_MB ?= 20000
 
 .PHONY: setup demo test bench lint clean-results help
 
@@ -27,9 +29,10 @@ $(STAMP): requirements.txt requirements-assets.txt pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/snakemake --profile profiles/default --cores $(CORES)
+	$(BIN)/snakemake --profile profiles/default --cores $(CORES) --resources mem_mb=$(MEM_MB)
 	$(BIN)/snakemake --profile profiles/default --cores $(CORES) --report results/report.html
 	$(BIN)/python -m neuronatlas.cli summary
+	@echo "report: $(CURDIR)/results/report.html"
 
 test: setup
 	$(BIN)/python -m pytest -q

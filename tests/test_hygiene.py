@@ -1,0 +1,293 @@
+"""Workflow hygiene, for every rule present and future: lint-clean, log/benchmark/threads/resources/conda on
+each rule, resources that evaluate for every job, conda envs consistent with the pins, and the papers'
+full grid listed by a dry run that cannot reach the network, with the expected number of jobs per rule.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+import helpers
+from neuronatlas import config as nacfg
+from neuronatlas.bench import dag as bdag
+
+REPO = helpers.REPO
+CONFIGS = {"demo": REPO / "config" / "demo.yaml", "full": REPO / "config" / "config.yaml"}
+ENVS = {"cpu": REPO / "envs" / "cpu.yaml", "cuda": REPO / "envs" / "cuda.yaml"}
+# pinned in requirements.txt but not needed by any rule: the workflow engine and plugin run outside the
+# job environments, pytest and the MoEfication reference (k-means-constrained) only in tests/benchmarks
+NOT_IN_JOB_ENVS = {"snakemake", "snakemake-executor-plugin-slurm", "pytest", "k-means-constrained"}
+
+
+def _pins(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line and not line.startswith("-"):
+            name, version = line.split("==", 1)
+            out[name.strip().lower()] = version.strip()
+    return out
+
+
+# ----------------------------------------------------------------------------- lint
+
+
+def test_snakemake_lint_is_clean(tmp_path):
+    """`snakemake --lint` reports nothing, for the demo and the full config (rules can depend on the config).
+
+    (Snakemake 9.27's CLI ignores `--lint json`; it exits 1 when it printed any lint.)
+    """
+    problems = []
+    for name, cfg in CONFIGS.items():
+        proc = subprocess.run(
+            [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--configfile", str(cfg),
+             "--lint"],
+            capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **bdag.OFFLINE_ENV}, timeout=300,
+        )
+        text = proc.stdout + proc.stderr
+        if proc.returncode != 0 or "Lints for" in text:
+            problems.append(f"--- with the {name} config (exit {proc.returncode}):\n" + text[-6000:])
+    assert not problems, "snakemake --lint findings:\n" + "\n".join(problems)
+
+
+# ----------------------------------------------------------------------------- rule declarations
+
+
+@pytest.fixture(scope="module")
+def rule_audit(tmp_path_factory, tokenizers):
+    """What every rule declares, for the demo, full and tiny configs (rules may exist for some configs only)."""
+    tmp = tmp_path_factory.mktemp("audit")
+    tiny = tmp / "tiny.yaml"
+    tiny.write_text(yaml.safe_dump(helpers.tiny_config(tmp, tokenizers)))
+    rules: dict[str, dict] = {}
+    heavy: dict[str, list[str]] = {}
+    for name, cfg in {**CONFIGS, "tiny": tiny}.items():
+        proc = subprocess.run([sys.executable, str(REPO / "tests" / "rule_audit.py"), str(cfg), str(tmp)],
+                              capture_output=True, text=True, cwd=tmp, env={**os.environ, **bdag.OFFLINE_ENV}, timeout=300)
+        assert proc.returncode == 0, f"loading the workflow with the {name} config failed:\n{proc.stderr[-4000:]}"
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        for r in out["rules"]:
+            rules.setdefault(r["name"], r)
+        heavy[name] = out["heavy_modules"]
+    return rules, heavy
+
+
+def test_every_rule_declares_log_benchmark_threads_resources_and_conda(rule_audit):
+    missing = []
+    for name, r in sorted(rule_audit[0].items()):
+        if r["norun"]:  # `all` and other pure collectors run nothing
+            continue
+        lacks = [what for what, ok in (
+            ("log:", r["log"]), ("benchmark:", r["benchmark"]), ("threads:", r["threads_set"]),
+            ("resources: mem_mb", "mem_mb" in r["resources"]), ("resources: runtime", "runtime" in r["resources"]),
+            ("conda:", r["conda"] is not None),
+        ) if not ok]
+        if r["conda"] is not None and Path(r["conda"]) not in ENVS.values():
+            lacks.append(f"conda env {r['conda']} (must be envs/cpu.yaml or envs/cuda.yaml)")
+        if r["conda"] == str(ENVS["cuda"]) and "gpu" not in r["resources"]:
+            lacks.append("resources: gpu (the rule uses the CUDA env)")
+        if lacks:
+            missing.append(f"rule {name} ({Path(r['snakefile']).relative_to(REPO)}): lacks {', '.join(lacks)}")
+    assert not missing, "every rule needs log, benchmark, threads, mem_mb, runtime and a conda env:\n" + "\n".join(missing)
+
+
+def test_parsing_the_workflow_imports_no_heavy_module(rule_audit):
+    """Every Snakemake start parses the workflow (a dry run; twice per job under SLURM): rule files must import
+    only light modules (config, resources, paths); torch & co. are imported by the jobs when they run."""
+    loaded = {name: mods for name, mods in rule_audit[1].items() if mods}
+    assert not loaded, (
+        f"parsing the workflow imported {loaded}: move those imports from the rule files' top-level modules "
+        "into the job functions (e.g. `import torch` inside the function that needs it)"
+    )
+
+
+def test_gpu_rules_request_no_gpu_on_cpu(tmp_path, tokenizers):
+    """device: cpu -> no job requests a GPU (a CPU-only cluster rejects --gpus); device: cuda -> model jobs do."""
+    for device, expect in (("cpu", False), ("cuda", True)):
+        cfg = helpers.tiny_config(tmp_path, tokenizers, device=device)
+        path = tmp_path / f"tiny-{device}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        run = bdag.dry_run(tmp_path, path, "--forceall")
+        gpu_jobs = {j.rule for j in run.jobs if int(j.res.get("gpu", "0") or 0) > 0}
+        if expect:
+            assert any(r.startswith("extract_activations_") for r in gpu_jobs), gpu_jobs
+        else:
+            assert not gpu_jobs, f"device cpu, yet these rules request a GPU: {sorted(gpu_jobs)}"
+
+
+def _check_job_resources(jobs) -> list[str]:
+    bad = []
+    for j in jobs:
+        if not j.outputs:  # `all`: collects inputs, runs nothing
+            continue
+        res = j.res
+        for key, low in (("mem_mb", 100), ("runtime", 1)):
+            value = res.get(key, "")
+            if not value.isdigit() or int(value) < low:
+                bad.append(f"{j.rule} {j.wc}: {key}={value!r}")
+        if not j.log:
+            bad.append(f"{j.rule} {j.wc}: no log")
+        if not j.benchmark:
+            bad.append(f"{j.rule} {j.wc}: no benchmark")
+    return bad
+
+
+def test_every_job_of_the_tiny_dag_has_evaluated_resources_log_and_benchmark(tmp_path, tokenizers):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(helpers.tiny_config(tmp_path, tokenizers)))
+    run = bdag.dry_run(tmp_path, path, "--forceall")
+    assert run.jobs, run.text[-3000:]
+    bad = _check_job_resources(run.jobs)
+    assert not bad, "jobs without a positive integer mem_mb/runtime, a log or a benchmark:\n" + "\n".join(bad[:50])
+
+
+# ----------------------------------------------------------------------------- conda environments
+
+
+def test_conda_envs_pin_exactly_the_requirements():
+    req = _pins(REPO / "requirements.txt")
+    assets = _pins(REPO / "requirements-assets.txt")
+    need = {k: v for k, v in req.items() if k not in NOT_IN_JOB_ENVS}
+    venv_py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    for kind, path in ENVS.items():
+        env = yaml.safe_load(path.read_text())
+        deps = env["dependencies"]
+        conda = [d for d in deps if isinstance(d, str)]
+        pip = next(d["pip"] for d in deps if isinstance(d, dict) and "pip" in d)
+        assert f"python={venv_py}" in conda, f"{path.name}: python must be {venv_py} (the version the project is tested with)"
+        assert not any(str(p).startswith(("-r", "-e", "..", "./")) for p in pip), (
+            f"{path.name}: Snakemake copies env files to .snakemake/conda/, so relative -r/-e paths break; pin inline"
+        )
+        env_pins = {}
+        for p in pip:
+            if "==" in p and not p.startswith("-"):
+                name, version = p.split("==", 1)
+                env_pins[name.strip().lower()] = version.strip()
+        drift = {k: (v, req.get(k)) for k, v in env_pins.items() if req.get(k) != v}
+        assert not drift, f"{path.name} pins differ from requirements.txt (env, requirements): {drift}"
+        lacking = sorted(set(need) - set(env_pins))
+        assert not lacking, (
+            f"{path.name} lacks {lacking} pinned in requirements.txt; add them (same versions), or list them in "
+            "tests/test_hygiene.py NOT_IN_JOB_ENVS if no rule needs them"
+        )
+        index = "cu128" if kind == "cuda" else "cpu"
+        assert any(f"download.pytorch.org/whl/{index}" in str(p) for p in pip), f"{path.name}: torch must come from the {index} index"
+        post = path.with_suffix(".post-deploy.sh")
+        assert post.exists(), f"{post.name} (installs the assets --no-deps and the library) is missing"
+        text = post.read_text()
+        post_pins = dict(m.groups() for m in re.finditer(r"([A-Za-z0-9_.-]+)==([A-Za-z0-9_.+-]+)", text))
+        assert {k.lower(): v for k, v in post_pins.items()} == assets, f"{post.name} must install exactly requirements-assets.txt"
+        assert "--no-deps" in text and "NEURONATLAS_ROOT" in text
+
+
+# ----------------------------------------------------------------------------- the papers' full grid
+
+
+def expected_job_counts(cfg: dict) -> dict[str, int]:
+    """Jobs per rule of a complete dry run of `cfg`, computed from the config alone.
+
+    One row per rule (or per-model rule family); each stage adds its rows here when it lands.
+    """
+    grid = nacfg.grid(cfg)
+    used = {d for m in cfg["models"].values() for d in m["datasets"]}
+    counts = {
+        "shard_corpus": len(used),
+        "prepare_model": len(cfg["models"]),
+        "merge_activations": len(grid),
+        "summarize_activations": 1,
+        "all": 1,
+    }
+    for m, spec in cfg["models"].items():
+        counts[f"extract_activations_{m}"] = sum(len(nacfg.stats_shards(cfg["datasets"][d])) for d in spec["datasets"])
+    # stage n2g (issue E): one n2g_layer job per (model, dataset, layer); one n2g_table and one feature_clusters
+    # job per (model, dataset)
+    from neuronatlas import n2g_jobs
+
+    n2g_runs, fc_runs = n2g_jobs.runs(cfg["n2g"]), n2g_jobs.runs(cfg["feature_clusters"])
+    if n2g_runs:
+        counts["n2g_layer"] = sum(len(n2g_jobs.resolve_layers(cfg, "n2g", m)) for m, _ in n2g_runs)
+        counts["n2g_table"] = len(n2g_runs)
+    if fc_runs:
+        counts["feature_clusters"] = len(fc_runs)
+    # stage ablation (issue C): one fit_mlm_head per mlm_head.models entry, one ablate_clusters per ablated
+    # (model, dataset, site), one ablation_table
+    from neuronatlas import ablation_jobs
+
+    if cfg["mlm_head"]["models"]:
+        counts["fit_mlm_head"] = len(cfg["mlm_head"]["models"])
+    if ablation_jobs.enabled(cfg):
+        counts["ablate_clusters"] = len(ablation_jobs.grid(cfg))
+        counts["ablation_table"] = 1
+    return counts
+
+
+@pytest.fixture(scope="module")
+def full_grid(tmp_path_factory):
+    """The dry run of config/config.yaml in an empty directory, inside a network namespace when possible."""
+    tmp = tmp_path_factory.mktemp("grid")
+    cfg = yaml.safe_load(CONFIGS["full"].read_text())
+    cfg["results_dir"] = str(tmp / "results")
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = bdag.snakemake_cmd(tmp, path, "-n")
+    isolated = os.geteuid() == 0 and shutil.which("unshare") is not None and \
+        subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+    if isolated:
+        cmd = ["unshare", "-n", *cmd]  # no network at all: a hub access would fail the dry run
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env={**os.environ, **bdag.OFFLINE_ENV}, timeout=600)
+    text = proc.stdout + "\n" + proc.stderr
+    external = bdag.external_inputs(text)
+    assert not external, (
+        f"on a fresh checkout the full grid's dry run fails: it needs {external}, which no rule produces; "
+        "fetch such files in a rule (as prepare_model does for hub models) or make them optional"
+    )
+    assert proc.returncode == 0, f"dry run of the full grid failed without network:\n{text[-6000:]}"
+    return nacfg.validate(yaml.safe_load(path.read_text())), bdag.parse_jobs(text), bdag.parse_stats(text)
+
+
+def test_full_grid_dry_run_lists_the_whole_grid_offline(full_grid):
+    cfg, jobs, stats = full_grid
+    expected = expected_job_counts(cfg)
+    assert stats.get("total", 0) == len(jobs) > 0
+    wrong = {rule: (stats.get(rule, 0), n) for rule, n in expected.items() if stats.get(rule, 0) != n}
+    assert not wrong, f"jobs per rule (dry run, expected from the config): {wrong}"
+    unknown = sorted(set(stats) - set(expected) - {"total"})
+    if unknown:  # a stage that has not added its rows to expected_job_counts yet
+        warnings.warn(f"full-grid job counts not checked for rules {unknown}: add them to expected_job_counts()")
+
+
+def test_full_grid_jobs_have_resources_and_model_jobs_request_a_gpu(full_grid):
+    cfg, jobs, _ = full_grid
+    bad = _check_job_resources(jobs)
+    assert not bad, "\n".join(bad[:50])
+    assert cfg["device"] == "auto"
+    extraction = [j for j in jobs if j.rule.startswith("extract_activations_")]
+    assert extraction and all(j.res.get("gpu") == "1" for j in extraction)
+    # the estimates scale with the model: Mistral-7B's jobs get far more memory than GPT-2's
+    mem = {j.rule: int(j.res["mem_mb"]) for j in extraction}
+    assert mem["extract_activations_mistral"] > 4 * mem["extract_activations_gpt2"]
+
+
+# ----------------------------------------------------------------------------- resource functions
+
+
+def test_resource_estimates_follow_the_config():
+    from neuronatlas import resources as nares
+
+    assert [nares.gpus(d) for d in ("cpu", "mps", "auto", "cuda", "cuda:1")] == [0, 0, 1, 1, 1]
+    local = nares.shard_corpus({"source": "files"})
+    small = nares.shard_corpus({"source": "hf", "streaming": True, "max_documents": 20_000})
+    whole = nares.shard_corpus({"source": "hf", "streaming": False, "max_documents": None})
+    assert local["runtime"] < small["runtime"] < whole["runtime"] <= 24 * 60
+    assert whole["mem_mb"] > small["mem_mb"] >= local["mem_mb"]
+    assert nares.summarize(10) == {"mem_mb": 1000, "runtime": 10} and nares.summarize(1000)["runtime"] == 20
