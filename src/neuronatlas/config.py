@@ -115,17 +115,41 @@ def load(path: str | Path, schema_path: str | Path = SCHEMA_PATH) -> dict[str, A
 
 
 _DATASET_ONLY = {
-    "hf": {"path", "revision", "streaming", "shuffle_buffer", "filter"},
+    "hf": {"path", "revision", "streaming", "shuffle_buffer", "filter", "image_field", "target_field"},
     "packaged": set(),
     "files": {"glob", "filter"},
 }
-_DATASET_FIELDS = {"path", "revision", "streaming", "shuffle_buffer", "filter", "glob"}
+_DATASET_FIELDS = {"path", "revision", "streaming", "shuffle_buffer", "filter", "glob", "image_field", "target_field"}
 _MODEL_ONLY = {
     "hub": {"id", "revision"},
     "local": {"path"},
     "packaged": {"name"},
     "random": {"config", "init_from", "tokenizer"},
+    "train": {"config", "train"},
 }
+IMAGE_MODEL_TYPES = ("vit", "dinov2")
+_SPLITS = {"drug_reviews": ("train", "test", "all"), "fashion_mnist": ("train", "test", "all")}
+
+
+def is_image_dataset(spec: Mapping[str, Any]) -> bool:
+    """Whether a dataset yields images (packaged fashion_mnist, or hf with an image_field)."""
+    from .corpus import is_image_dataset as _is_image
+
+    return _is_image(spec)
+
+
+def model_modality(models: Mapping[str, Any], name: str, _seen: tuple[str, ...] = ()) -> str | None:
+    """`image` or `text` where the config tells (a config dict, a packaged model, a twin of one); None = unknown."""
+    m = models[name]
+    if m.get("family") and m["family"] != "auto":
+        return "image" if m["family"] in IMAGE_MODEL_TYPES else "text"
+    if m["source"] in ("random", "train") and m.get("config"):
+        return "image" if m["config"].get("model_type") in IMAGE_MODEL_TYPES else "text"
+    if m["source"] == "packaged":
+        return "text"
+    if m["source"] == "random" and m.get("init_from") in models and m["init_from"] not in _seen:
+        return model_modality(models, m["init_from"], (*_seen, name))
+    return None
 
 
 def _nondefault(spec: Mapping[str, Any], key: str, schema_default: Any) -> bool:
@@ -155,9 +179,10 @@ def check_semantics(config: Mapping[str, Any], schema: Mapping[str, Any] | None 
                     f"{base}.name",
                     f"{d.get('name')!r} is not a packaged corpus; allowed values: {', '.join(PACKAGED_CORPORA)}",
                 )
-            if d["name"] == "drug_reviews" and d.get("split") not in (None, "train", "test", "all"):
-                raise ConfigError(f"{base}.split", f"{d['split']!r}: drug_reviews has splits train, test, all")
-            if d["name"] != "drug_reviews" and d.get("split") is not None:
+            splits = _SPLITS.get(d["name"])
+            if splits and d.get("split") not in (None, *splits):
+                raise ConfigError(f"{base}.split", f"{d['split']!r}: {d['name']} has splits {', '.join(splits)}")
+            if not splits and d.get("split") is not None:
                 raise ConfigError(f"{base}.split", f"packaged corpus {d['name']} has no splits; remove the key")
         if src == "files":
             if not d.get("glob"):
@@ -201,7 +226,7 @@ def check_semantics(config: Mapping[str, Any], schema: Mapping[str, Any] | None 
             if has_cfg:
                 if "model_type" not in m["config"]:
                     raise ConfigError(f"{base}.config.model_type", "the HF config dict needs a model_type, e.g. bert or gpt2")
-                if not m.get("tokenizer"):
+                if not m.get("tokenizer") and m["config"]["model_type"] not in IMAGE_MODEL_TYPES:
                     raise ConfigError(f"{base}.tokenizer", "source random with `config` needs a tokenizer (directory, packaged model or hub id)")
             if has_init:
                 if m["init_from"] == mname or m["init_from"] not in models:
@@ -211,12 +236,32 @@ def check_semantics(config: Mapping[str, Any], schema: Mapping[str, Any] | None 
                     )
                 if m.get("tokenizer"):
                     raise ConfigError(f"{base}.tokenizer", "with init_from the tokenizer of that model is used; remove this key")
+        if src == "train":
+            if not m.get("config") or "model_type" not in m["config"]:
+                raise ConfigError(f"{base}.config", "source train needs an HF config dict with model_type, e.g. {model_type: vit, image_size: 28, ...}")
+            if m["config"]["model_type"] not in IMAGE_MODEL_TYPES:
+                raise ConfigError(f"{base}.config.model_type", f"source train trains image classifiers; allowed: {', '.join(IMAGE_MODEL_TYPES)}")
+            if not m.get("train"):
+                raise ConfigError(f"{base}.train", "source train needs `train: {dataset: <image dataset>, eval_dataset: <image dataset>}`")
+            for key in ("dataset", "eval_dataset"):
+                dname = m["train"][key]
+                if dname not in datasets or not is_image_dataset(datasets[dname]):
+                    images = [k for k, v in datasets.items() if is_image_dataset(v)]
+                    raise ConfigError(f"{base}.train.{key}", f"{dname!r} is not an image dataset; image datasets: {', '.join(images) or 'none'}")
         for i, dname in enumerate(m["datasets"]):
             if dname not in datasets:
                 close = difflib.get_close_matches(dname, list(datasets), n=1)
                 hint = f" (did you mean `{close[0]}`?)" if close else ""
                 raise ConfigError(
                     f"{base}.datasets[{i}]", f"unknown dataset {dname!r}{hint}; defined datasets: {', '.join(datasets)}"
+                )
+        modality = model_modality(models, mname)
+        for i, dname in enumerate(m["datasets"]):
+            image = is_image_dataset(datasets[dname])
+            if modality is not None and image != (modality == "image"):
+                raise ConfigError(
+                    f"{base}.datasets[{i}]",
+                    f"{dname!r} is {'an image' if image else 'a text'} dataset but {mname} is {'an image' if modality == 'image' else 'a text'} model",
                 )
         if m["max_length"] > 100_000:
             raise ConfigError(f"{base}.max_length", "is implausibly large; windows are at most the model context")
@@ -246,6 +291,9 @@ def model_params(config: Mapping[str, Any], model: str) -> dict[str, Any]:
     out = {k: spec[k] for k in ("source", "id", "revision", "path", "name", "config", "init_from", "tokenizer", "family")}
     out["model"] = model
     out["seed"] = config["seed"]
+    if spec["source"] == "train":
+        # only for trained models: keeps the params (and so the jobs) of every other model unchanged
+        out["train"] = spec["train"]
     if spec["source"] == "random" and spec.get("init_from"):
         # the twin's weights depend on the architecture it copies
         out["init_from_spec"] = model_params(config, spec["init_from"])

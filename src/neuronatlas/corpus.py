@@ -1,4 +1,10 @@
-"""Corpus sources (hf, packaged, files) and their deterministic split into shards with stable ids."""
+"""Corpus sources (hf, packaged, files) and their deterministic split into shards with stable ids.
+
+Text shards have the columns `doc_id, key, text, label, n_words`. Image datasets (packaged
+`fashion_mnist`, or an hf dataset with `image_field`) add `image` (PNG bytes) and `target` (the class
+index a classifier should predict; -1 if unknown); their `text` is empty and `label` is the class name
+(the grouping of per-label statistics).
+"""
 
 from __future__ import annotations
 
@@ -24,17 +30,55 @@ from .errors import ConfigError, EmptyCorpusError, NeuronAtlasError
 from .io import atomic_path, write_json
 
 SHARD_COLUMNS = ("doc_id", "key", "text", "label", "n_words")
+IMAGE_COLUMNS = ("image", "target")
 _WORD = re.compile(r"\S+")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
 
 
 @dataclass(frozen=True)
 class Document:
-    """One document: a stable integer id (its index in the source's canonical order), a key, text, label."""
+    """One document: a stable integer id (its index in the source's canonical order), a key, text, label.
+
+    Image documents carry `image` (PNG/JPEG bytes or a uint8 array, encoded to PNG when sharded) and
+    `target` (the class index), with empty text.
+    """
 
     doc_id: int
     key: str
     text: str
     label: str | None = None
+    image: Any = None
+    target: int | None = None
+
+
+def is_image_dataset(spec: Mapping[str, Any]) -> bool:
+    """Whether a dataset spec yields images (packaged fashion_mnist, or hf with an image_field)."""
+    if spec.get("source") == "packaged":
+        return spec.get("name") == "fashion_mnist"
+    return spec.get("source") == "hf" and bool(spec.get("image_field"))
+
+
+def encode_image(image: Any) -> bytes:
+    """PNG bytes of an image given as encoded bytes (kept as they are), a uint8 array or a PIL image."""
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image)
+    from PIL import Image
+
+    pil = Image.fromarray(np.asarray(image, np.uint8)) if isinstance(image, np.ndarray) else image
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG", optimize=False, compress_level=1)
+    return buf.getvalue()
+
+
+def decode_image(data: bytes):
+    """A PIL image from encoded bytes (as stored in the `image` column of an image shard)."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
 
 
 def count_words(text: str) -> int:
@@ -62,6 +106,28 @@ def _drug_reviews(split: str | None) -> Iterator[Document]:
                 text = html.unescape(row.review).strip().strip('"').strip()
                 yield Document(i, f"{name}:{row[0]}", text, row.rating)
                 i += 1
+
+
+def _idx_array(path: Path, header: int) -> np.ndarray:
+    import gzip
+
+    with gzip.open(path, "rb") as fh:
+        return np.frombuffer(fh.read(), np.uint8, offset=header)
+
+
+def _fashion_mnist(split: str | None) -> Iterator[Document]:
+    """Fashion-MNIST (Debian dataset-fashion-mnist): 28x28 grey images, 10 classes; train then test order."""
+    split = split or "all"
+    root = assets.fashion_mnist_dir()
+    parts = {"train": ["train"], "test": ["t10k"], "all": ["train", "t10k"]}[split]
+    i = 0
+    for part in parts:
+        images = _idx_array(root / f"{part}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
+        labels = _idx_array(root / f"{part}-labels-idx1-ubyte.gz", 8)
+        for j in range(len(labels)):
+            y = int(labels[j])
+            yield Document(i, f"{part}:{j}", "", FASHION_MNIST_CLASSES[y], images[j], y)
+            i += 1
 
 
 def _python_stdlib() -> Iterator[Document]:
@@ -147,8 +213,17 @@ def _hf(spec: Mapping[str, Any], name: str, seed: int) -> Iterator[Document]:
             "otherwise use a packaged or files source."
         ) from exc
     cols = set(ds.column_names or []) if getattr(ds, "column_names", None) else None
-    if cols is not None and spec["text_field"] not in cols:
-        raise ConfigError(f"datasets.{name}.text_field", f"{spec['text_field']!r} is not a column; columns: {', '.join(sorted(cols))}")
+    image_field = spec.get("image_field")
+    field_key = "image_field" if image_field else "text_field"
+    if cols is not None and spec[field_key] not in cols:
+        raise ConfigError(f"datasets.{name}.{field_key}", f"{spec[field_key]!r} is not a column; columns: {', '.join(sorted(cols))}")
+    label_names = target_names = None
+    if image_field:
+        # keep the stored encoded bytes (no decode / re-encode); class indices -> names where known
+        ds = ds.cast_column(image_field, hfds.Image(decode=False))
+        feats = getattr(ds, "features", None) or {}
+        label_names = getattr(feats.get(spec.get("label_field") or ""), "names", None)
+        target_names = getattr(feats.get(spec.get("target_field") or ""), "names", None)
     if spec["streaming"]:
         ds = ds.map(lambda rec, idx: {"__idx": idx}, with_indices=True)
         if spec["shuffle"]:
@@ -164,7 +239,29 @@ def _hf(spec: Mapping[str, Any], name: str, seed: int) -> Iterator[Document]:
             continue
         label = _get_field(rec, spec["label_field"]) if spec.get("label_field") else None
         idx = int(rec["__idx"])
+        if image_field:
+            yield _hf_image_document(rec, spec, idx, label, label_names, target_names)
+            continue
         yield Document(idx, f"{spec['path']}:{idx}", str(rec[spec["text_field"]] or ""), None if label is None else str(label))
+
+
+def _hf_image_document(rec: Mapping[str, Any], spec: Mapping[str, Any], idx: int, label: Any, label_names: Any, target_names: Any) -> Document:
+    """An image Document from an hf record: stored bytes, class-name label, integer target."""
+    img = rec[spec["image_field"]]
+    if isinstance(img, Mapping):
+        data = img.get("bytes")
+        if data is None and img.get("path"):
+            data = Path(img["path"]).read_bytes()
+    else:
+        data = encode_image(img)
+    if data is None:
+        raise NeuronAtlasError(f"{spec['path']}:{idx}: the image field {spec['image_field']!r} holds no image")
+    target: Any = _get_field(rec, spec["target_field"]) if spec.get("target_field") else (label if label_names else None)
+    if label is not None and label_names is not None:
+        label = label_names[int(label)]
+    elif label is None and target is not None and target_names is not None:
+        label = target_names[int(target)]
+    return Document(idx, f"{spec['path']}:{idx}", "", None if label is None else str(label), data, -1 if target is None else int(target))
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -182,6 +279,7 @@ def iter_documents(spec: Mapping[str, Any], name: str, seed: int) -> Iterator[Do
             "wiki_summaries": _wiki_summaries,
             "drug_reviews": lambda: _drug_reviews(spec.get("split")),
             "python_stdlib": _python_stdlib,
+            "fashion_mnist": lambda: _fashion_mnist(spec.get("split")),
         }[spec["name"]]()
     elif src == "files":
         gen = _files(spec, name)
@@ -202,6 +300,12 @@ def build_shards(spec: Mapping[str, Any], name: str, seed: int, out_paths: list[
     buckets: list[list[Document]] = [[] for _ in range(n)]
     taken = words = skipped = 0
     for doc in iter_documents(spec, name, seed):
+        if doc.image is not None:  # images: no text, no word budget
+            buckets[taken % n].append(doc)
+            taken += 1
+            if spec["max_documents"] is not None and taken >= spec["max_documents"]:
+                break
+            continue
         text = doc.text.strip()
         if len(text) < spec["min_chars"]:
             skipped += 1
@@ -224,21 +328,29 @@ def build_shards(spec: Mapping[str, Any], name: str, seed: int, out_paths: list[
             f"dataset {name!r} has only {taken} document(s) for {n} shards; lower datasets.{name}.shards or raise the caps"
         )
     shard_info = []
-    schema = pa.schema([("doc_id", pa.int64()), ("key", pa.string()), ("text", pa.string()), ("label", pa.string()), ("n_words", pa.int32())])
+    images = any(d.image is not None for b in buckets for d in b)
+    fields = [("doc_id", pa.int64()), ("key", pa.string()), ("text", pa.string()), ("label", pa.string()), ("n_words", pa.int32())]
+    if images:
+        fields += [("image", pa.binary()), ("target", pa.int64())]
+    schema = pa.schema(fields)
     for i, (docs, path) in enumerate(zip(buckets, out_paths)):
-        table = pa.table(
-            {
-                "doc_id": pa.array([d.doc_id for d in docs], pa.int64()),
-                "key": pa.array([d.key for d in docs], pa.string()),
-                "text": pa.array([d.text for d in docs], pa.string()),
-                "label": pa.array([d.label for d in docs], pa.string()),
-                "n_words": pa.array([count_words(d.text) for d in docs], pa.int32()),
-            },
-            schema=schema,
-        )
+        columns = {
+            "doc_id": pa.array([d.doc_id for d in docs], pa.int64()),
+            "key": pa.array([d.key for d in docs], pa.string()),
+            "text": pa.array([d.text for d in docs], pa.string()),
+            "label": pa.array([d.label for d in docs], pa.string()),
+            "n_words": pa.array([count_words(d.text) for d in docs], pa.int32()),
+        }
+        if images:
+            columns["image"] = pa.array([encode_image(d.image) for d in docs], pa.binary())
+            columns["target"] = pa.array([-1 if d.target is None else int(d.target) for d in docs], pa.int64())
+        table = pa.table(columns, schema=schema)
         with atomic_path(path, suffix=".parquet") as tmp:
             pq.write_table(table, tmp, compression="zstd")
-        shard_info.append({"shard": i, "documents": len(docs), "words": int(sum(count_words(d.text) for d in docs))})
+        info = {"shard": i, "documents": len(docs), "words": int(sum(count_words(d.text) for d in docs))}
+        if images:
+            info["labels"] = {str(k): int(v) for k, v in sorted(pd.Series([d.label for d in docs], dtype=object).value_counts().items())}
+        shard_info.append(info)
     manifest = {
         "dataset": name,
         "source": spec["source"],
@@ -250,6 +362,8 @@ def build_shards(spec: Mapping[str, Any], name: str, seed: int, out_paths: list[
         "shards": shard_info,
         "python": sys.version.split()[0],
     }
+    if images:
+        manifest["images"] = taken
     write_json(manifest_path, manifest)
     return manifest
 

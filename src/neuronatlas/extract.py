@@ -510,3 +510,158 @@ def cleanup(stats: Mapping[str, SiteStats]) -> None:
         d = st.attrs.pop("_spill_dir", None)
         if d:
             shutil.rmtree(d, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def image_batch(doc_ids: Sequence[int], n_positions: int, device: torch.device) -> Batch:
+    """The index sets of a batch of images: every position (class token and patches) is content, no padding."""
+    B, T = len(doc_ids), n_positions
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    return Batch(
+        input_ids=empty, attention_mask=empty, token_rows=empty, token_inv=empty,
+        not_content_flat=empty, not_content=torch.zeros((B, T, 1), dtype=torch.bool, device=device), core=(0, T),
+        positions=torch.arange(T, device=device).expand(B, T), doc_ids=torch.as_tensor(np.asarray(doc_ids, np.int64), device=device),
+        starts=torch.zeros(B, dtype=torch.int64, device=device), n_valid=B * T, n_content=B * T,
+    )
+
+
+class LabelAccumulator:
+    """Per-label neuron statistics (count, sum, sum_sq, abs_sum, max), fed by the same hook as SiteAccumulator.
+
+    Every position of an example belongs to its document's label; the per-label sums therefore add up
+    to the per-neuron sums of the site.
+    """
+
+    def __init__(self, names: Sequence[str], n_layers: int, width: int, device: torch.device):
+        self.names = list(names)
+        n = len(self.names)
+        f64 = dict(dtype=torch.float64, device=device)
+        self.count = torch.zeros((n, n_layers), dtype=torch.int64, device=device)
+        self.sum = torch.zeros((n, n_layers, width), **f64)
+        self.sum_sq = torch.zeros((n, n_layers, width), **f64)
+        self.abs_sum = torch.zeros((n, n_layers, width), **f64)
+        self.max = torch.full((n, n_layers, width), -torch.inf, dtype=torch.float32, device=device)
+        self.rows: torch.Tensor | None = None  # (B,) label row of each example of the current batch
+
+    def update(self, layer: int, x: torch.Tensor) -> None:
+        """Fold one layer's activations (B, T, W) of the current batch into the label rows."""
+        rows = self.rows
+        assert rows is not None
+        x = x.detach()
+        if x.dtype != torch.float32:
+            x = x.float()
+        B, T, W = x.shape
+        self.count[:, layer].index_add_(0, rows, torch.full((B,), T, dtype=torch.int64, device=x.device))
+        self.sum[:, layer].index_add_(0, rows, x.sum(1).double())
+        self.sum_sq[:, layer].index_add_(0, rows, torch.square(x).sum(1).double())
+        self.abs_sum[:, layer].index_add_(0, rows, x.abs().sum(1).double())
+        cur = self.max[:, layer]
+        self.max[:, layer] = cur.scatter_reduce(0, rows[:, None].expand(B, W), x.amax(1), reduce="amax")
+
+    def finish(self) -> dict[str, Any]:
+        """The store's /label group as numpy arrays."""
+        W = self.sum.shape[2]
+        return {
+            "names": self.names,
+            "count": self.count.cpu().numpy()[:, :, None].repeat(W, axis=2),
+            "sum": self.sum.cpu().numpy(), "sum_sq": self.sum_sq.cpu().numpy(), "abs_sum": self.abs_sum.cpu().numpy(),
+            "max": self.max.cpu().numpy(),
+        }
+
+
+def extract_images(
+    lm: LoadedModel,
+    shard: pd.DataFrame,
+    sites: Sequence[str],
+    *,
+    batch_size: int = 256,
+    top_k: int = 20,
+    label_stats: bool = True,
+    attrs: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, SiteStats]:
+    """Run an image model over one image shard and return every site's statistics.
+
+    Images are preprocessed by the model's image processor and run in batches of `batch_size` (all the
+    same size: no padding). Every position (class token and patches) enters the per-neuron statistics;
+    a top-k example is an image, its `position` the token index of the maximum (0 = class token). There
+    are no per-token statistics. With `label_stats`, the statistics are also kept per image label (class).
+    """
+    from .vision import pixel_values
+
+    if len(shard) == 0:
+        raise EmptyCorpusError("the image shard has no images; lower the shard count or raise the caps")
+    if "image" not in shard.columns:
+        raise NeuronAtlasError(
+            f"model {lm.manifest['model']!r} is an image model but the shard has no images (a text dataset); "
+            "give it an image dataset (packaged fashion_mnist or hf with image_field)"
+        )
+    if int(shard["doc_id"].max()) >= 1 << (63 - _KEY_SHIFT):
+        raise NeuronAtlasError("document ids above 2**39 are not supported by the top-k key")
+    shapes = {site: tuple(lm.manifest["sites"][site]) for site in sites}
+    accs = {site: SiteAccumulator(L, W, top_k, lm.device) for site, (L, W) in shapes.items()}
+    labels = shard["label"].astype(object).where(shard["label"].notna(), "None").astype(str).to_numpy()
+    names = sorted(set(labels))
+    label_row = {n: i for i, n in enumerate(names)}
+    label_accs = {site: LabelAccumulator(names, L, W, lm.device) for site, (L, W) in shapes.items()} if label_stats else {}
+    state: dict[str, Any] = {}
+
+    def recorder(site: str):
+        acc, lab = accs[site], label_accs.get(site)
+
+        def rec(layer: int, x: torch.Tensor) -> None:
+            if state.get("T") != x.shape[1]:
+                state["T"] = x.shape[1]
+                state["batch"] = image_batch(state["doc_ids"], x.shape[1], lm.device)
+            acc.batch = state["batch"]
+            acc.update(layer, x)
+            if lab is not None:
+                lab.update(layer, x)
+
+        return rec
+
+    order = np.argsort(shard["doc_id"].to_numpy(), kind="stable")
+    n_images, n_positions, n_batches = len(order), 0, 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=n_images, unit="img", desc="extract", file=sys.stderr, disable=not progress, mininterval=2.0)
+    channels = int(getattr(lm.model.config, "num_channels", 3))
+    with contextlib.ExitStack() as stack, torch.inference_mode():
+        for site in accs:
+            stack.enter_context(hooked(lm.model, lm.family, site, record=recorder(site)))
+        for lo in range(0, n_images, batch_size):
+            idx = order[lo : lo + batch_size]
+            px = pixel_values(lm.processor, shard["image"].iloc[idx].tolist(), channels).to(lm.device, lm.dtype)
+            state["doc_ids"] = shard["doc_id"].to_numpy()[idx]
+            state.pop("T", None)
+            rows = torch.as_tensor(np.array([label_row[v] for v in labels[idx]], np.int64), device=lm.device)
+            for lab in label_accs.values():
+                lab.rows = rows
+            lm.model(pixel_values=px)
+            n_positions += len(idx) * int(state.get("T", 0))
+            n_batches += 1
+            bar.update(len(idx))
+    bar.close()
+    seconds = time.perf_counter() - t0
+    meta = {
+        **(attrs or {}),
+        "n_tokens": n_positions,
+        "n_content_tokens": n_positions,
+        "n_examples": n_images,
+        "n_documents": n_images,
+        "n_batches": n_batches,
+        "n_chunks": 1,
+        "padded_tokens": n_positions,
+        "include_special_in_neuron_stats": True,
+        "modality": "image",
+    }
+    empty_ids = np.zeros(0, np.int64)
+    out = {}
+    for site, acc in accs.items():
+        st = acc.finish(empty_ids, empty_ids, None, {**meta, "site": site})
+        if site in label_accs:
+            st.label = label_accs[site].finish()
+        out[site] = st
+    print(f"extracted {n_images} images ({n_positions} positions, {n_batches} batches) in {seconds:.1f}s = {n_images / max(seconds, 1e-9):.0f} img/s", file=sys.stderr)
+    return out

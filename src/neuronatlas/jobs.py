@@ -58,17 +58,33 @@ def shard_corpus(dataset: str, spec: Mapping[str, Any], seed: int, shards_dir: s
     return info
 
 
-def prepare_model(params: Mapping[str, Any], manifest: str | os.PathLike, init_from_manifest: str | None = None) -> dict[str, Any]:
+def prepare_model(
+    params: Mapping[str, Any], manifest: str | os.PathLike, init_from_manifest: str | None = None, trained_dir: str | None = None,
+) -> dict[str, Any]:
     """Rule prepare_model: resolve / convert / initialise a model and write its manifest."""
     from .models import prepare
 
     out_dir = Path(manifest).parent
-    info = prepare(params, out_dir, init_from_manifest)
+    if trained_dir is None and params["source"] == "train":
+        trained_dir = str(out_dir / "trained")  # written by rule train_model (an input of prepare_model)
+    info = prepare(params, out_dir, init_from_manifest, trained_dir)
     weights = out_dir / "weights"
     if not weights.exists():  # sources loaded in place still get the declared output
         weights.mkdir(parents=True)
         (weights / "LOCATION.txt").write_text(f"weights are loaded in place from {info['load_path']}\n")
     print(f"model {params['model']}: {info['origin']}; family {info['family']}; sites {info['sites']}")
+    return info
+
+
+def train_model(
+    params: Mapping[str, Any], train_shards: Sequence[str], eval_shards: Sequence[str], out_dir: str, threads: int | None = None,
+) -> dict[str, Any]:
+    """Rule train_model: train a `source: train` image classifier; an HF folder with training.json."""
+    from .vision import train_image_classifier
+
+    info = train_image_classifier(params, train_shards, eval_shards, out_dir, threads)
+    print(f"model {params['model']}: test accuracy {info['test_accuracy']:.4f} on {info['test_images']} images "
+          f"of {info['eval_dataset']} after {info['epochs']} epochs ({info['train_seconds']:.0f}s)")
     return info
 
 
@@ -101,6 +117,13 @@ def extract_activations(
         "device": str(lm.device),
         "dtype": str(lm.dtype).replace("torch.", ""),
     }
+    if lm.manifest["kind"] == "image":
+        from .extract import extract_images
+
+        stats = extract_images(lm, frame, list(outputs), batch_size=m["max_batch_size"], top_k=act["top_k"], attrs=attrs)
+        for site, path in outputs.items():
+            write(path, stats[site], act["compression"], act["compression_level"], act["token_sum_dtype"])
+        return
     stats = extract(
         lm, frame, list(outputs), max_length=m["max_length"], batch_tokens=m["batch_tokens"],
         max_batch_size=m["max_batch_size"], max_tokens=m["max_tokens_per_shard"], top_k=act["top_k"],

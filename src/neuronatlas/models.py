@@ -1,4 +1,8 @@
-"""Model sources (hub, local, packaged, random): prepare once into a manifest, then load anywhere."""
+"""Model sources (hub, local, packaged, random, train): prepare once into a manifest, then load anywhere.
+
+Image models (ViT, DINOv2) carry an image processor instead of a tokenizer (`tokenizer_path` points at
+the folder holding its preprocessor_config.json); `LoadedModel.processor` is that processor.
+"""
 
 from __future__ import annotations
 
@@ -103,8 +107,42 @@ def _materialize_random(hf_config: Mapping[str, Any], tokenizer_src: str | Path 
     model = _head_class(fam.kind).from_config(cfg)
     model.eval()
     model.save_pretrained(out)
-    if tokenizer_src is not None:
+    if fam.kind == "image":
+        proc = load_image_processor(tokenizer_src) if tokenizer_src is not None else default_image_processor(cfg)
+        proc.save_pretrained(out)
+    elif tokenizer_src is not None:
         _load_tokenizer(resolve_tokenizer_source(tokenizer_src)).save_pretrained(out)
+
+
+def default_image_processor(hf_config: Any):
+    """A ViT image processor for a config: resize to image_size, scale to [0, 1], normalise with mean = std = 0.5."""
+    from transformers import ViTImageProcessor
+
+    size = int(getattr(hf_config, "image_size", 224))
+    channels = int(getattr(hf_config, "num_channels", 3))
+    return ViTImageProcessor(
+        do_resize=True, size={"height": size, "width": size}, image_mean=[0.5] * channels, image_std=[0.5] * channels,
+    )
+
+
+def load_image_processor(path: str | Path):
+    """The image processor saved with an image model (its preprocessor_config.json); clear error if absent."""
+    import logging
+    import warnings
+
+    from transformers import AutoImageProcessor
+
+    quiet_transformers()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoImageProcessor.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailableError(
+            f"no image processor (preprocessor_config.json) in {path} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            "an image model needs one to turn images into pixel values"
+        ) from exc
 
 
 def resolve_tokenizer_source(ref: str | Path) -> Path | str:
@@ -173,8 +211,13 @@ def missing_head_keys(load_path: str | Path, hf_config: Any, fam: Family) -> lis
     return [k for k in need if not any(m.endswith(k.rsplit(".", 1)[0]) for m in stored_modules)]
 
 
-def prepare(params: Mapping[str, Any], out_dir: str | Path, init_from_manifest: str | Path | None = None) -> dict[str, Any]:
-    """Resolve / materialise a model and write `out_dir/manifest.json` describing how to load it."""
+def prepare(
+    params: Mapping[str, Any], out_dir: str | Path, init_from_manifest: str | Path | None = None, trained_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Resolve / materialise a model and write `out_dir/manifest.json` describing how to load it.
+
+    `source: train` models point at `trained_dir`, the HF folder the workflow's train_model rule wrote.
+    """
     out_dir = Path(out_dir)
     name, src = params["model"], params["source"]
     weights = out_dir / "weights"
@@ -197,6 +240,16 @@ def prepare(params: Mapping[str, Any], out_dir: str | Path, init_from_manifest: 
         if not (load_path / "config.json").exists():
             raise ModelUnavailableError(f"models.{name}.path: {load_path} has no config.json; point it at an HF model directory")
         info["origin"] = f"local {load_path}"
+    elif src == "train":
+        if trained_dir is None or not (Path(trained_dir) / "config.json").exists():
+            raise NeuronAtlasError(f"models.{name}: source train needs the folder written by rule train_model (got {trained_dir})")
+        load_path = Path(trained_dir).resolve()
+        training = read_json(load_path / "training.json") if (load_path / "training.json").exists() else {}
+        info["training"] = {k: training.get(k) for k in ("dataset", "eval_dataset", "epochs", "test_accuracy", "train_seconds")}
+        info["origin"] = (
+            f"trained by the workflow (rule train_model) on {training.get('dataset')}; "
+            f"test accuracy {training.get('test_accuracy')} on {training.get('eval_dataset')}"
+        )
     elif src == "random":
         if params.get("init_from"):
             if init_from_manifest is None:
@@ -210,7 +263,7 @@ def prepare(params: Mapping[str, Any], out_dir: str | Path, init_from_manifest: 
             family = other["family"]
             info["origin"] = f"random init (seed {params['seed']}) of the architecture of {params['init_from']}"
         else:
-            hf_cfg, tok_src, family = dict(params["config"]), params["tokenizer"], params["family"]
+            hf_cfg, tok_src, family = dict(params["config"]), params.get("tokenizer"), params["family"]
             info["origin"] = f"random init (seed {params['seed']}) of an HF {hf_cfg['model_type']} config"
         with atomic_dir(weights) as tmp:
             _materialize_random(hf_cfg, tok_src, family, params["seed"], tmp)
@@ -287,7 +340,7 @@ def load_base(path: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
 
 @dataclass
 class LoadedModel:
-    """A model ready for hooks: base module, tokenizer, adapter row, manifest, device, dtype."""
+    """A model ready for hooks: base module, tokenizer (or image processor), adapter row, manifest, device, dtype."""
 
     model: nn.Module
     tokenizer: Any
@@ -295,6 +348,7 @@ class LoadedModel:
     manifest: dict[str, Any]
     device: torch.device
     dtype: torch.dtype
+    processor: Any = None  # image models: the image processor (images -> pixel values)
 
     @property
     def base(self) -> nn.Module:
@@ -354,5 +408,7 @@ def load(
             f"{', '.join(manifest.get('missing_head_keys', [])[:3])}); pass the folder of a fitted head "
             "(the workflow's fit_mlm_head rule writes one) instead of using random head weights."
         )
-    tok = _load_tokenizer(manifest["tokenizer_path"]) if manifest["kind"] != "image" else None
+    if manifest["kind"] == "image":
+        return LoadedModel(model, None, FAMILIES[manifest["family"]], manifest, dev, dt, load_image_processor(manifest["tokenizer_path"]))
+    tok = _load_tokenizer(manifest["tokenizer_path"])
     return LoadedModel(model, tok, FAMILIES[manifest["family"]], manifest, dev, dt)

@@ -14,6 +14,12 @@ Layout (n_layers = L, neurons per layer = W, distinct token ids seen = V, top-k 
     /topk/doc_id      int64   (L, W, k)   document id of the example (-1 = empty slot)
     /topk/position    int32   (L, W, k)   token position of the maximum within the document (specials excluded)
     /topk/start       int32   (L, W, k)   first document token position of the example window
+    /label/names      string  (n,)        optional (attribute has_label_stats): document labels, sorted
+    /label/<field>    (n, L, W)           the per-neuron statistics restricted to each label's documents
+                                          (count, sum, sum_sq, abs_sum: as /neuron; max float32)
+
+Per-label statistics (image datasets: one label per class) partition the per-neuron statistics: summed
+over labels they equal /neuron/*. A label's statistics are the subset statistics of selective pruning.
 
 The attributes name model, revision, site, dataset, shard(s), token counts, library version and config hash.
 Every dataset carries a Fletcher-32 checksum, so a corrupt chunk fails loudly on read. Ties in the top-k
@@ -52,6 +58,7 @@ class SiteStats:
     neuron: dict[str, np.ndarray]
     topk: dict[str, np.ndarray]
     attrs: dict[str, Any] = field(default_factory=dict)
+    label: dict[str, Any] | None = None  # {"names": [...], <NEURON_FIELDS>: (n, L, W)} or None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -122,13 +129,25 @@ def write(
         g = f.create_group("topk")
         for name in TOPK_FIELDS:
             g.create_dataset(name, data=stats.topk[name].astype(_DTYPES[name]), **kw)
+        if stats.label is not None:
+            _write_label(f, stats.label, kw)
         attrs = {"format_version": FORMAT_VERSION, "library_version": __version__, **stats.attrs}
         attrs["has_token_stats"] = stats.token_sum is not None
+        attrs["has_label_stats"] = stats.label is not None
         attrs["n_layers"], attrs["width"] = n_layers, width
         attrs["top_k"] = int(stats.topk["activation"].shape[-1])
         for key, value in attrs.items():
             if not key.startswith("_"):
                 f.attrs[key] = _attr(value)
+
+
+def _write_label(f: h5py.File, label: Mapping[str, Any], kw: Mapping[str, Any]) -> None:
+    """The /label group: names and (n, L, W) per-label neuron statistics."""
+    g = f.create_group("label")
+    g.create_dataset("names", data=np.asarray(list(label["names"]), dtype=h5py.string_dtype()))  # no filters on strings
+    for name in NEURON_FIELDS:
+        dtype = np.int64 if name == "count" else (np.float32 if name == "max" else np.float64)
+        g.create_dataset(name, data=np.asarray(label[name], dtype), **kw)
 
 
 def _attr(value: Any) -> Any:
@@ -172,6 +191,8 @@ class Store:
         need = ["token_ids", "token_count"] + [f"neuron/{n}" for n in NEURON_FIELDS] + [f"topk/{n}" for n in TOPK_FIELDS]
         if self.has_token_stats:
             need.append("token_sum")
+        if self.has_label_stats:
+            need += ["label/names"] + [f"label/{n}" for n in NEURON_FIELDS]
         try:
             for name in need:
                 if name not in f:
@@ -180,6 +201,9 @@ class Store:
             expect = {"token_count": (n_ids,), "token_sum": (n_layers, n_ids, width)}
             expect.update({f"neuron/{n}": (n_layers, width) for n in NEURON_FIELDS})
             expect.update({f"topk/{n}": (n_layers, width, k) for n in TOPK_FIELDS})
+            if self.has_label_stats:
+                n_labels = f["label/names"].shape[0]
+                expect.update({f"label/{n}": (n_labels, n_layers, width) for n in NEURON_FIELDS})
             for name, shape in expect.items():
                 if name in need and f[name].shape != shape:
                     raise CorruptStoreError(self.path, f"/{name} has shape {f[name].shape}, expected {shape}")
@@ -222,6 +246,11 @@ class Store:
     def has_token_stats(self) -> bool:
         """Whether per-token sums are stored."""
         return bool(self._f.attrs["has_token_stats"])
+
+    @property
+    def has_label_stats(self) -> bool:
+        """Whether per-label neuron statistics are stored (image datasets)."""
+        return bool(self._f.attrs.get("has_label_stats", False))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -283,6 +312,33 @@ class Store:
         mean = self.neuron("sum") / n
         return np.sqrt(np.maximum(self.neuron("sum_sq") / n - mean**2, 0.0))
 
+    def labels(self) -> list[str]:
+        """The document labels with per-label statistics, sorted (error if the store has none)."""
+        self._need_labels()
+        return [x.decode() if isinstance(x, bytes) else str(x) for x in self._read("label/names")]
+
+    def label_neuron(self, name: str) -> np.ndarray:
+        """(n_labels, L, W) per-label neuron statistic: count, sum, sum_sq, abs_sum, max."""
+        self._need_labels()
+        return self._read(f"label/{name}")
+
+    def label_abs_mean(self) -> np.ndarray:
+        """(n_labels, L, W) mean |activation| per label and neuron (selective-pruning subset statistics)."""
+        return self.label_neuron("abs_sum") / np.maximum(self.label_neuron("count"), 1)
+
+    def label_mean(self) -> np.ndarray:
+        """(n_labels, L, W) mean activation per label and neuron."""
+        return self.label_neuron("sum") / np.maximum(self.label_neuron("count"), 1)
+
+    def _need_labels(self) -> None:
+        if not self.has_label_stats:
+            raise NeuronAtlasError(f"{self.path} has no per-label statistics (only image datasets store them)")
+
+    def _label_dict(self) -> dict[str, Any] | None:
+        if not self.has_label_stats:
+            return None
+        return {"names": self.labels(), **{n: self.label_neuron(n) for n in NEURON_FIELDS}}
+
     def topk(self, layer: int | None = None) -> dict[str, np.ndarray]:
         """Top-k arrays (all layers, or one layer)."""
         sel = () if layer is None else layer
@@ -294,7 +350,7 @@ class Store:
         token_sum = np.stack([self.token_sum_layer(i) for i in range(L)]) if self.has_token_stats else None
         return SiteStats(
             self.token_ids(), self.token_count(), token_sum,
-            {n: self.neuron(n) for n in NEURON_FIELDS}, self.topk(), self.attrs,
+            {n: self.neuron(n) for n in NEURON_FIELDS}, self.topk(), self.attrs, self._label_dict(),
         )
 
 
@@ -330,6 +386,8 @@ def merge(
         for s in stores[1:]:
             a = s.attrs
             diff = [k for k in _SAME if a.get(k) != first.get(k)]
+            if s.has_label_stats != stores[0].has_label_stats:
+                diff.append("has_label_stats")
             if diff:
                 raise NeuronAtlasError(f"cannot merge {s.path} with {stores[0].path}: they differ in {diff}")
         L, W = stores[0].shape
@@ -381,13 +439,33 @@ def merge(
             g = f.create_group("topk")
             for n in TOPK_FIELDS:
                 g.create_dataset(n, data=topk[n], **kw)
+            has_labels = stores[0].has_label_stats
+            if has_labels:
+                _write_label(f, merge_labels([s._label_dict() for s in stores]), kw)
             out_attrs = {**merged_attrs, "format_version": FORMAT_VERSION, "library_version": __version__}
             out_attrs["has_token_stats"] = has_tokens
+            out_attrs["has_label_stats"] = has_labels
             for key, value in out_attrs.items():
                 f.attrs[key] = _attr(value)
     finally:
         for s in stores:
             s.close()
+
+
+def merge_labels(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Merge per-label statistics: labels united (sorted), counts and sums added, maxima combined."""
+    names = sorted({str(n) for p in parts for n in p["names"]})
+    shape = (len(names), *np.asarray(parts[0]["count"]).shape[1:])
+    out: dict[str, Any] = {"names": names}
+    for n in NEURON_FIELDS:
+        out[n] = np.full(shape, -np.inf, np.float32) if n == "max" else np.zeros(shape, np.int64 if n == "count" else np.float64)
+    pos = {name: i for i, name in enumerate(names)}
+    for p in parts:
+        rows = np.array([pos[str(n)] for n in p["names"]], np.int64)
+        for n in ("count", "sum", "sum_sq", "abs_sum"):
+            out[n][rows] += p[n]  # rows are unique within a part
+        out["max"][rows] = np.maximum(out["max"][rows], p["max"])
+    return out
 
 
 def compare(a: str | Path, b: str | Path, rtol: float = 1e-6, atol: float = 1e-6) -> list[str]:
@@ -407,6 +485,15 @@ def compare(a: str | Path, b: str | Path, rtol: float = 1e-6, atol: float = 1e-6
         for n in NEURON_FIELDS:
             if not np.allclose(sa.neuron(n), sb.neuron(n), rtol=rtol, atol=atol):
                 out.append(f"neuron/{n} differs")
+        if sa.has_label_stats != sb.has_label_stats:
+            out.append("has_label_stats differs")
+        elif sa.has_label_stats:
+            if sa.labels() != sb.labels():
+                out.append("label names differ")
+            else:
+                for n in NEURON_FIELDS:
+                    if not np.allclose(sa.label_neuron(n), sb.label_neuron(n), rtol=rtol, atol=atol):
+                        out.append(f"label/{n} differs")
         ta, tb = sa.topk(), sb.topk()
         if not np.allclose(ta["activation"], tb["activation"], rtol=rtol, atol=atol):
             out.append("topk/activation differs")

@@ -3,16 +3,33 @@
 # per (model, dataset, site) into stats.h5.
 
 
-def _init_from_manifest(wc):
-    src = MODELS[wc.model]
-    if src["source"] == "random" and src.get("init_from"):
-        return [f"{model_dir(src['init_from'])}/manifest.json"]
-    return []
+rule train_model:
+    input:
+        train=lambda wc: f"{corpus_dir(MODELS[wc.model]['train']['dataset'])}/shards",
+        test=lambda wc: f"{corpus_dir(MODELS[wc.model]['train']['eval_dataset'])}/shards",
+    output:
+        directory(f"{R}/models/{{model}}/trained"),
+    params:
+        model=lambda wc: train_params(wc.model),
+    log:
+        f"{R}/logs/train_model/{{model}}.log",
+    benchmark:
+        f"{R}/benchmarks/train_model/{{model}}.tsv"
+    threads: config["threads"]
+    resources:
+        mem_mb=lambda wc: nares.train(MODELS, DATASETS, wc.model, USE_GPU)["mem_mb"],
+        runtime=lambda wc: nares.train(MODELS, DATASETS, wc.model, USE_GPU)["runtime"],
+        gpu=1 if USE_GPU else 0,
+    conda:
+        "../../envs/cuda.yaml" if USE_GPU else "../../envs/cpu.yaml"
+    script:
+        "../scripts/train_model.py"
 
 
 rule prepare_model:
     input:
-        init_from=_init_from_manifest,
+        init_from=init_from_manifest,
+        trained=trained_model_dir,
     output:
         manifest=f"{R}/models/{{model}}/manifest.json",
         weights=directory(f"{R}/models/{{model}}/weights"),
@@ -93,7 +110,13 @@ rule summarize_activations:
     input:
         [stats_file(m, d, s) for m, d, s in nacfg.grid(config)],
     output:
-        f"{R}/summary/activations.csv",
+        report(
+            f"{R}/summary/activations.csv",
+            caption="../report/activations-summary.rst",
+            category="activations",
+            subcategory="all models and datasets",
+            labels={"table": "activation statistics", "scope": "every (model, dataset, site)"},
+        ),
     params:
         grid_keys=[{"model": m, "dataset": d, "site": s} for m, d, s in nacfg.grid(config)],
     log:
@@ -102,8 +125,8 @@ rule summarize_activations:
         f"{R}/benchmarks/summarize_activations.tsv"
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=nares.summarize(len(nacfg.grid(config)))["mem_mb"],
+        runtime=nares.summarize(len(nacfg.grid(config)))["runtime"],
     conda:
         "../../envs/cpu.yaml"
     script:

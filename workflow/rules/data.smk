@@ -14,8 +14,8 @@ rule shard_corpus:
         f"{R}/benchmarks/shard_corpus/{{dataset}}.tsv"
     threads: 1
     resources:
-        mem_mb=lambda wc: 4000 if DATASETS[wc.dataset]["source"] == "hf" else 1500,
-        runtime=lambda wc: 120 if DATASETS[wc.dataset]["source"] == "hf" else 10,
+        mem_mb=lambda wc: nares.shard_corpus(DATASETS[wc.dataset])["mem_mb"],
+        runtime=lambda wc: nares.shard_corpus(DATASETS[wc.dataset])["runtime"],
     conda:
         "../../envs/cpu.yaml"
     script:

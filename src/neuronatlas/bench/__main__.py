@@ -7,7 +7,7 @@ import importlib
 
 from . import REGISTRY, emit
 
-MODULES = ("extraction",)
+MODULES = ("extraction", "moefication", "dag", "clustering", "ablation", "n2g", "textualization")
 
 
 def main() -> None:
