@@ -116,7 +116,9 @@ CASES = [
          seeds=lambda j: j.rule in ("textualization_single", "textualization_group"),
          forbid=lambda j: not j.rule.startswith("textualization_") and j.rule != "all"),
     # a new (model, dataset) pair: its extraction and what aggregates over the grid, nothing of the others
-    Case("add-dataset-to-model", lambda c: c["models"]["tbert"]["datasets"].append("notes"),
+    # (the MLM head keeps its training data: `notes` has no eval_shards for its held-out metrics)
+    Case("add-dataset-to-model", lambda c: (c["models"]["tbert"]["datasets"].append("notes"),
+                                            c["mlm_head"].__setitem__("datasets", ["fix"])),
          seeds=lambda j: (model_of(j) == "tbert" and j.wc.get("dataset") == "notes") or j.rule == "summarize_activations",
          forbid=lambda j: model_of(j) == "tbert" and j.wc.get("dataset") == "fix", changes_dag=True),
 ]
