@@ -7,23 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from ..io import atomic_path
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str | Path) -> None:
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
+from . import pyplot as _plt, save_png as _save
 
 
 def refinement_curves(trace: Mapping[str, np.ndarray], path: str | Path, threshold: float, n_clusters: int = 8, seed: int = 0,

@@ -9,22 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import NeuronAtlasError
-from ..io import atomic_path
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str | Path) -> None:
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
+from . import pyplot as _plt, save_png as _save
 
 
 def _heat(ax, data: np.ndarray, rows: Sequence[str], cols: Sequence[str], vmin: float, vmax: float, cmap: str, annotate: bool):
