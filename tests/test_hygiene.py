@@ -156,7 +156,6 @@ def test_every_job_of_the_tiny_dag_has_evaluated_resources_log_and_benchmark(tmp
 
 def test_conda_envs_pin_exactly_the_requirements():
     req = _pins(REPO / "requirements.txt")
-    assets = _pins(REPO / "requirements-assets.txt")
     need = {k: v for k, v in req.items() if k not in NOT_IN_JOB_ENVS}
     venv_py = f"{sys.version_info.major}.{sys.version_info.minor}"
     for kind, path in ENVS.items():
@@ -185,8 +184,8 @@ def test_conda_envs_pin_exactly_the_requirements():
         post = path.with_suffix(".post-deploy.sh")
         assert post.exists(), f"{post.name} (installs the assets --no-deps and the library) is missing"
         text = post.read_text()
-        post_pins = dict(m.groups() for m in re.finditer(r"([A-Za-z0-9_.-]+)==([A-Za-z0-9_.+-]+)", text))
-        assert {k.lower(): v for k, v in post_pins.items()} == assets, f"{post.name} must install exactly requirements-assets.txt"
+        assert '-r "$NEURONATLAS_ROOT/requirements-assets.txt"' in text, f"{post.name} must install requirements-assets.txt"
+        assert not re.search(r"[A-Za-z0-9_.-]+==", text), f"{post.name}: pins belong in requirements-assets.txt only"
         assert "--no-deps" in text and "NEURONATLAS_ROOT" in text
 
 
