@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from neuronatlas.bench import dag as bdag
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -152,7 +155,8 @@ def snakemake(workdir: Path, *args: str, configfile: str = "tiny.yaml", check: b
     """Run the workflow's Snakefile in `workdir` with `workdir/<configfile>`; raise with its output on failure."""
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
            "--configfile", str(workdir / configfile), "--cores", "2", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
+    # not a SLURM run: skip the SLURM plugin's import-time `scontrol` probe (~9 s where no controller answers)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=bdag.without_slurm_probe(os.environ))
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import yaml
 
 import helpers
 from neuronatlas import config as nacfg
+from neuronatlas.bench import dag as bdag
 from neuronatlas.errors import ConfigError
 
 REPO = helpers.REPO
@@ -124,7 +126,7 @@ def test_snakemake_rejects_bad_config_before_any_job(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
     proc = subprocess.run(
         [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--configfile", "bad.yaml", "-n"],
-        capture_output=True, text=True, cwd=tmp_path,
+        capture_output=True, text=True, cwd=tmp_path, env=bdag.without_slurm_probe(os.environ),
     )
     assert proc.returncode != 0
     assert "datasets.fix.shards" in proc.stdout + proc.stderr

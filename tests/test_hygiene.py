@@ -52,7 +52,7 @@ def test_snakemake_lint_is_clean(tmp_path):
         proc = subprocess.run(
             [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--configfile", str(cfg),
              "--lint"],
-            capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **bdag.OFFLINE_ENV}, timeout=300,
+            capture_output=True, text=True, cwd=tmp_path, env=bdag.without_slurm_probe({**os.environ, **bdag.OFFLINE_ENV}), timeout=300,
         )
         text = proc.stdout + proc.stderr
         if proc.returncode != 0 or "Lints for" in text:
@@ -73,7 +73,7 @@ def rule_audit(tmp_path_factory, tokenizers):
     heavy: dict[str, list[str]] = {}
     for name, cfg in {**CONFIGS, "tiny": tiny}.items():
         proc = subprocess.run([sys.executable, str(REPO / "tests" / "rule_audit.py"), str(cfg), str(tmp)],
-                              capture_output=True, text=True, cwd=tmp, env={**os.environ, **bdag.OFFLINE_ENV}, timeout=300)
+                              capture_output=True, text=True, cwd=tmp, env=bdag.without_slurm_probe({**os.environ, **bdag.OFFLINE_ENV}), timeout=300)
         assert proc.returncode == 0, f"loading the workflow with the {name} config failed:\n{proc.stderr[-4000:]}"
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         for r in out["rules"]:
@@ -243,7 +243,7 @@ def full_grid(tmp_path_factory):
         subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
     if isolated:
         cmd = ["unshare", "-n", *cmd]  # no network at all: a hub access would fail the dry run
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env={**os.environ, **bdag.OFFLINE_ENV}, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=bdag.without_slurm_probe({**os.environ, **bdag.OFFLINE_ENV}), timeout=600)
     text = proc.stdout + "\n" + proc.stderr
     external = bdag.external_inputs(text)
     assert not external, (

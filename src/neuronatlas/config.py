@@ -19,9 +19,13 @@ SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 SITES = ("residual", "mlp", "ffn_out")
 
 
+# libyaml's loader where PyYAML has it: the schema is parsed at every Snakemake start (dry runs included)
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_schema(path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
     """Load the YAML JSON-schema of the workflow config."""
-    return yaml.safe_load(Path(path).read_text())
+    return yaml.load(Path(path).read_text(), Loader=_YAML_LOADER)  # noqa: S506 (a safe loader)
 
 
 def _with_defaults(validator_class):
@@ -110,7 +114,7 @@ def validate(config: dict[str, Any], schema_path: str | Path = SCHEMA_PATH) -> d
 
 def load(path: str | Path, schema_path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
     """Read a YAML config file and validate it."""
-    cfg = yaml.safe_load(Path(path).read_text()) or {}
+    cfg = yaml.load(Path(path).read_text(), Loader=_YAML_LOADER) or {}  # noqa: S506 (a safe loader)
     return validate(cfg, schema_path)
 
 
