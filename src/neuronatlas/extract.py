@@ -231,7 +231,7 @@ class SiteAccumulator:
     """Running statistics of one site; `update(layer, x)` is called from the forward hook.
 
     Every statistic is one pass over the layer's activations (memory-bound work is what costs here):
-    token sums by index_add over all positions (padding lands in a dropped row), sum of squares and of
+    token sums by a sparse one-hot matmul over the real positions (padding has no entry), sum of squares and of
     absolute values over all positions minus the few non-content rows, per-example maxima over the
     content core, and argmax positions only for the examples that enter a neuron's top-k.
     """
