@@ -227,6 +227,19 @@ def expected_job_counts(cfg: dict) -> dict[str, int]:
     if ablation_jobs.enabled(cfg):
         counts["ablate_clusters"] = len(ablation_jobs.grid(cfg))
         counts["ablation_table"] = 1
+    # stages representations + clustering (issue B): per (model, dataset, site, variant) one representation and
+    # one tree, per K one cut and one refine; per (model, dataset, site) one distance sweep (and one bootstrap)
+    from neuronatlas import cluster_jobs
+
+    if cluster_jobs.enabled(cfg):
+        cl_grid, variants = cluster_jobs.grid(cfg), cfg["representations"]["variants"]
+        counts["cluster_representation"] = counts["cluster_tree"] = len(cl_grid) * len(variants)
+        counts["cluster_cut"] = counts["cluster_refine"] = len(cl_grid) * len(variants) * len(cfg["clustering"]["k"])
+        counts["cluster_sweep"] = len(cl_grid)
+        if cfg["clustering"]["bootstrap"]["replicates"] > 0:
+            counts["cluster_bootstrap"] = len(cl_grid)
+        if "smooth" in variants and cluster_jobs.vectors_source(cfg) != "glove-6b-50d":
+            counts["fetch_word_vectors"] = 1
     return counts
 
 
