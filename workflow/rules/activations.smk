@@ -71,6 +71,9 @@ for _model, _spec in MODELS.items():
         benchmark:
             f"{R}/benchmarks/extract_activations/{_model}/{{dataset}}/shard-{{shard}}.tsv"
         threads: config["threads"]
+        # model passes first: every later stage fans out from them, so the run's tail overlaps instead of
+        # waiting for a late extraction (the demo's last Gemma shard used to start 24 minutes in)
+        priority: 10
         resources:
             mem_mb=lambda wc, m=_model: nares.extraction(MODELS, DATASETS, m, wc.dataset, USE_GPU)["mem_mb"],
             runtime=lambda wc, m=_model: nares.extraction(MODELS, DATASETS, m, wc.dataset, USE_GPU)["runtime"],
@@ -97,6 +100,7 @@ rule merge_activations:
     benchmark:
         f"{R}/benchmarks/merge_activations/{{model}}/{{dataset}}/{{site}}.tsv"
     threads: 1
+    priority: 10
     resources:
         mem_mb=lambda wc: nares.merge(MODELS, DATASETS, wc.model, wc.dataset, wc.site)["mem_mb"],
         runtime=lambda wc: nares.merge(MODELS, DATASETS, wc.model, wc.dataset, wc.site)["runtime"],
