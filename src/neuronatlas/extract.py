@@ -211,6 +211,12 @@ def token_onehot(rows: np.ndarray, positions: np.ndarray, n_rows: int, n_positio
     return torch.sparse_coo_tensor(idx, one, (n_rows, n_positions), check_invariants=False).coalesce().to(device)
 
 
+def _float32(x: torch.Tensor) -> torch.Tensor:
+    """A hooked activation as float32, detached (statistics are accumulated from float32 batches)."""
+    x = x.detach()
+    return x if x.dtype == torch.float32 else x.float()
+
+
 def _masked_amax(x: torch.Tensor, bt: Batch) -> torch.Tensor:
     """(B, W) maximum over content positions of (B, T, W); -inf where a row has none.
 
@@ -265,9 +271,7 @@ class SiteAccumulator:
         """Fold one layer's activations (B, T, W) of the current batch into the statistics."""
         bt = self.batch
         assert bt is not None
-        x = x.detach()
-        if x.dtype != torch.float32:
-            x = x.float()
+        x = _float32(x)
         B, T, W = x.shape
         flat = x.reshape(B * T, W)
         nc = flat.index_select(0, bt.not_content_flat)
@@ -558,9 +562,7 @@ class LabelAccumulator:
         """Fold one layer's activations (B, T, W) of the current batch into the label rows."""
         rows = self.rows
         assert rows is not None
-        x = x.detach()
-        if x.dtype != torch.float32:
-            x = x.float()
+        x = _float32(x)
         B, T, W = x.shape
         self.count[:, layer].index_add_(0, rows, torch.full((B,), T, dtype=torch.int64, device=x.device))
         self.sum[:, layer].index_add_(0, rows, x.sum(1).double())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,10 @@ def pyplot() -> Any:
     return plt
 
 
-def save_png(fig: Any, path: str | Path, dpi: int = 110) -> None:
-    """Write `fig` as a PNG atomically and close it."""
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+def save_figure(fig: Any, paths: str | Path | Sequence[str | Path], dpi: int = 110) -> None:
+    """Write `fig` to each path (format from the suffix, PNG without one) atomically, then close it."""
+    for p in [paths] if isinstance(paths, (str, Path)) else paths:
+        fmt = Path(p).suffix.lstrip(".") or "png"
+        with atomic_path(p, suffix=f".{fmt}") as tmp:
+            fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
     pyplot().close(fig)

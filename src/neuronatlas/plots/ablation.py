@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from . import pyplot, save_figure
 
-from ..io import atomic_path  # noqa: E402
+plt = pyplot()
 
 
 def fig4(df: pd.DataFrame, out: str | Path, baseline: str = "random_position") -> None:
@@ -59,6 +57,4 @@ def fig4(df: pd.DataFrame, out: str | Path, baseline: str = "random_position") -
         )
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
     fig.tight_layout()
-    with atomic_path(out, suffix=Path(out).suffix) as tmp:
-        fig.savefig(tmp, dpi=110, format=Path(out).suffix.lstrip(".") or "png")
-    plt.close(fig)
+    save_figure(fig, out)

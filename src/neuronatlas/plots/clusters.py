@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from . import pyplot as _plt, save_png as _save
+from . import pyplot as _plt, save_figure as _save
 
 
 def refinement_curves(trace: Mapping[str, np.ndarray], path: str | Path, threshold: float, n_clusters: int = 8, seed: int = 0,

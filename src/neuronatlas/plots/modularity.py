@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import NeuronAtlasError
-from . import pyplot as _plt, save_png as _save
+from . import pyplot as _plt, save_figure as _save
 
 
 def _heat(ax, data: np.ndarray, rows: Sequence[str], cols: Sequence[str], vmin: float, vmax: float, cmap: str, annotate: bool):

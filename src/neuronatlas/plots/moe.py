@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import NeuronAtlasError
-from . import pyplot as _plt, save_png as _save
+from . import pyplot as _plt, save_figure as _save
 
 
 def lorenz_curves(counts: Mapping[str, np.ndarray], path: str | Path, title: str = "") -> None:

@@ -7,14 +7,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-import matplotlib.ticker  # noqa: F401 - used as matplotlib.ticker
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from . import pyplot, save_figure as save
 
-from ..io import atomic_path  # noqa: E402
+plt = pyplot()
+import matplotlib.ticker  # noqa: E402 - after the Agg backend is chosen
 
 MAX_PER_DEPTH = 40  # nodes drawn per depth of a graph picture (the rest are counted in a note)
 MAX_LABEL = 18
@@ -35,14 +33,6 @@ def _shade(value: float, threshold: float) -> float:
     """Colour intensity in [0, 1]: 0 at (threshold - 0.2), 1 at 1 (the reference implementation's scaling)."""
     lo = max(0.0, threshold - 0.2)
     return float(np.clip((value - lo) / (1 - lo), 0.0, 1.0)) if lo < 1 else 1.0
-
-
-def save(fig: Any, paths: Sequence[str | Path], dpi: int = 110) -> None:
-    """Save a figure to each path (format from the suffix), atomically, and close it."""
-    for p in paths:
-        with atomic_path(p, suffix=Path(p).suffix) as tmp:
-            fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=Path(p).suffix.lstrip("."))
-    plt.close(fig)
 
 
 def graph_layout(nodes: Sequence[Mapping[str, Any]], edges: Sequence[tuple[int, int]]) -> tuple[dict[int, tuple[float, float]], dict[int, int]]:

@@ -6,23 +6,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from . import pyplot, save_figure
 
-from ..io import atomic_path  # noqa: E402
+plt = pyplot()
 
 OPT, WORD = "#c0392b", "#2e86c1"
 
 
-def save(fig: Any, path: str | Path, dpi: int = 120) -> None:
-    """Save a figure as PNG atomically and close it."""
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-    plt.close(fig)
+def save(fig: Any, path: str | Path) -> None:
+    """Write a figure of this stage (PNG, 120 dpi) atomically and close it."""
+    save_figure(fig, path, dpi=120)
 
 
 def activation_strength(neurons: pd.DataFrame, path: str | Path, model: str) -> None:
@@ -56,15 +52,25 @@ def activation_per_layer(neurons: pd.DataFrame, trends: pd.DataFrame, path: str 
     for off, col, c, name in ((-0.18, "act_optimized", OPT, "optimized input"), (0.18, "act_word", WORD, "most activating word")):
         data = [neurons.loc[neurons.layer == lay, col].to_numpy() for lay in layers]
         bp = ax.boxplot(data, positions=np.array(layers) + off, widths=0.3, patch_artist=True, manage_ticks=False)
-        for patch in bp["boxes"]:
-            patch.set_facecolor(c)
-            patch.set_alpha(0.45)
+        _fill_boxes(bp, c)
         q = "activation of the optimized input" if col == "act_optimized" else "activation of the most activating word"
         ax.plot(layers, [np.mean(d) for d in data], "-o", color=c, ms=3, label=name + _trend_label(trends, q))
     ax.set_xticks(layers)
+    _finish_layer_plot(fig, ax, "activation", f"{model}: activation strength per layer", path)
+
+
+def _fill_boxes(bp: dict, color: str) -> None:
+    """Colour a boxplot's boxes, translucent so the mean line stays visible."""
+    for patch in bp["boxes"]:
+        patch.set_facecolor(color)
+        patch.set_alpha(0.45)
+
+
+def _finish_layer_plot(fig: Any, ax: Any, ylabel: str, title: str, path: str | Path) -> None:
+    """Labels, legend and grid of a per-layer plot, then write it."""
     ax.set_xlabel("layer")
-    ax.set_ylabel("activation")
-    ax.set_title(f"{model}: activation strength per layer", fontsize=10)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     save(fig, path)
@@ -76,17 +82,10 @@ def cosine_per_layer(neurons: pd.DataFrame, trends: pd.DataFrame, path: str | Pa
     fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(layers) + 2), 4))
     data = [neurons.loc[neurons.layer == lay, "cos_closest"].to_numpy() for lay in layers]
     bp = ax.boxplot(data, positions=layers, widths=0.5, patch_artist=True)
-    for patch in bp["boxes"]:
-        patch.set_facecolor(OPT)
-        patch.set_alpha(0.45)
+    _fill_boxes(bp, OPT)
     ax.plot(layers, [np.mean(d) for d in data], "-o", color=OPT, ms=3,
             label="mean" + _trend_label(trends, "cossim of the optimized input to its closest word"))
-    ax.set_xlabel("layer")
-    ax.set_ylabel("cosine to the closest word")
-    ax.set_title(f"{model}: similarity of optimized inputs to words", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    save(fig, path)
+    _finish_layer_plot(fig, ax, "cosine to the closest word", f"{model}: similarity of optimized inputs to words", path)
 
 
 def pca(frame: pd.DataFrame, path: str | Path, model: str) -> None:
