@@ -303,3 +303,12 @@ def test_resource_estimates_follow_the_config():
     assert local["runtime"] < small["runtime"] < whole["runtime"] <= 24 * 60
     assert whole["mem_mb"] > small["mem_mb"] >= local["mem_mb"]
     assert nares.summarize(10) == {"mem_mb": 1000, "runtime": 10} and nares.summarize(1000)["runtime"] == 20
+
+
+def test_non_slurm_runs_skip_the_slurm_plugins_scontrol_probe():
+    """The env of non-SLURM runs finds an `scontrol` that fails at once, ahead of any real one."""
+    env = bdag.without_slurm_probe({"PATH": "/usr/bin:/bin"})
+    first = env["PATH"].split(os.pathsep)[0]
+    assert shutil.which("scontrol", path=env["PATH"]) == str(Path(first) / "scontrol")
+    proc = subprocess.run(["scontrol", "show", "config"], env=env, capture_output=True, timeout=5)
+    assert proc.returncode != 0
