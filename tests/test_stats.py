@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import helpers
-from neuronatlas import corpus, extract, models, store
+from neuronatlas import corpus, extract, kernels, models, store
 
 # Module names typed out here on purpose: the reference must not reuse the adapter table.
 NAIVE_MODULES = {
@@ -65,14 +65,19 @@ def naive_site_activations(lm: models.LoadedModel, arch: str, site: str, frame: 
     return out
 
 
+FUSED = [pytest.param(True, id="numba", marks=pytest.mark.skipif(not kernels.available(), reason="numba not installed")),
+         pytest.param(False, id="torch")]
+
+
+@pytest.mark.parametrize("fused", FUSED)
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
 @pytest.mark.parametrize("site", ["residual", "mlp", "ffn_out"])
-def test_statistics_equal_naive_reference(tiny_models, arch, site):
+def test_statistics_equal_naive_reference(tiny_models, arch, site, fused):
     lm = models.load(tiny_models[arch], "cpu", "float32", threads=1)
     frame = _docs()
     max_length, k = 12, 5
     # small batches: many batches, padding inside most of them
-    got = extract.extract(lm, frame, [site], max_length=max_length, batch_tokens=40, top_k=k, progress=False)[site]
+    got = extract.extract(lm, frame, [site], max_length=max_length, batch_tokens=40, top_k=k, progress=False, fused=fused)[site]
     ref = naive_site_activations(lm, arch, site, frame, max_length)
     L, W = got.shape
 
@@ -154,15 +159,63 @@ def test_batches_are_length_bucketed(tiny_models):
     assert real / padded > 0.85  # a random order would pad far more
 
 
+@pytest.mark.skipif(not kernels.available(), reason="numba not installed")
+def test_fused_kernels_equal_numpy():
+    """The numba kernels against plain numpy: ragged content, ties, a width that the column blocks do not divide."""
+    rng = np.random.default_rng(0)
+    B, T, W, V, k = 6, 7, 37, 11, 4
+    x = rng.normal(size=(B, T, W)).astype(np.float32)
+    x[4] = x[3]  # two windows with equal maxima: the order falls back to (doc_id, start)
+    content = rng.random((B, T)) < 0.6
+    content[2] = False  # an example without content enters nothing
+    positions = np.where(content, np.arange(T)[None, :] + 100, -1).astype(np.int64)
+    doc_ids, starts = np.array([5, 1, 3, 9, 2, 1], np.int64), np.array([0, 0, 0, 0, 7, 40], np.int64)
+    content[3] = content[4]
+    # an existing top-k (from earlier batches) with one free slot per neuron
+    top = store.empty_topk(1, W, k)
+    top["activation"][0, :, :3] = np.sort(rng.normal(1.5, 0.5, size=(W, 3)), axis=1)[:, ::-1]
+    top["doc_id"][0, :, :3], top["start"][0, :, :3], top["position"][0, :, :3] = 50, 0, 7
+    before = {f: v.copy() for f, v in top.items()}
+    s, q, a = np.ones(W), np.ones(W), np.ones(W)
+    kernels.set_threads(2)
+    kernels.neuron_stats(x, content, positions, doc_ids, starts, s, q, a, {f: v[0] for f, v in top.items()})
+    c = x[content].astype(np.float64)
+    np.testing.assert_allclose(s, 1 + c.sum(0), rtol=1e-6)
+    np.testing.assert_allclose(q, 1 + (c**2).sum(0), rtol=1e-6)
+    np.testing.assert_allclose(a, 1 + np.abs(c).sum(0), rtol=1e-6)
+    masked = np.where(content[:, :, None], x, -np.inf)
+    arg = masked.argmax(1)  # (B, W), first position of the maximum
+    has = content.any(1)
+    cand = {
+        "activation": np.where(has[:, None], masked.max(1), -np.inf).T[None],
+        "doc_id": np.where(has[:, None], doc_ids[:, None], -1).repeat(W, 1).T[None],
+        "position": np.where(has[:, None], np.take_along_axis(positions, arg, 1), -1).T[None].astype(np.int32),
+        "start": np.where(has[:, None], starts[:, None], -1).repeat(W, 1).T[None].astype(np.int32),
+    }
+    expect = store.merge_topk([before, cand], k)
+    for f in store.TOPK_FIELDS:
+        np.testing.assert_array_equal(top[f], expect[f], err_msg=f)
+
+    rows = rng.integers(0, V, size=B * T - 3)
+    flat_pos = rng.permutation(B * T)[: B * T - 3]  # three positions (padding) have no row
+    urows, order, seg = kernels.group_positions(rows, flat_pos)
+    table = np.full((V, W), 0.5)
+    kernels.token_sums(x.reshape(B * T, W), order, seg, urows, table)
+    expect_t = np.full((V, W), 0.5)
+    np.add.at(expect_t, rows, x.reshape(B * T, W)[flat_pos].astype(np.float64))
+    np.testing.assert_allclose(table, expect_t, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", FUSED)
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
-def test_padding_invariance(tiny_models, arch):
+def test_padding_invariance(tiny_models, arch, fused):
     """A document alone and inside a padded batch with a longer document give identical statistics."""
     lm = models.load(tiny_models[arch], "cpu", "float32")
     frame = _docs()
     lengths = frame["text"].str.len()
     short, long_ = frame.iloc[[int(lengths.idxmin())]], frame.iloc[[int(lengths.idxmax())]]
     sites = ["residual", "mlp"]
-    kw = dict(max_length=64, batch_tokens=10_000, top_k=3, progress=False)
+    kw = dict(max_length=64, batch_tokens=10_000, top_k=3, progress=False, fused=fused)
     alone_short = extract.extract(lm, short, sites, **kw)
     alone_long = extract.extract(lm, long_, sites, **kw)
     together = extract.extract(lm, pd.concat([short, long_]), sites, **kw)

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from . import kernels
 from .adapters import hooked
 from .errors import EmptyCorpusError, NeuronAtlasError
 from .models import LoadedModel
@@ -151,7 +152,10 @@ class Batch:
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T)
     token_rows: torch.Tensor  # unique shard-vocabulary rows among real tokens
-    token_onehot: torch.Tensor  # sparse (len(token_rows), B*T): 1 where a real position holds that row's token
+    token_onehot: torch.Tensor | None  # torch path: sparse (len(token_rows), B*T), 1 where a real position holds that row's token
+    token_order: np.ndarray | None  # fused path: real flat positions grouped by row (kernels.group_positions)
+    token_seg: np.ndarray | None  # fused path: segment bounds of each row in token_order
+    content: np.ndarray  # (B, T) bool: positions that enter the neuron statistics and top-k
     not_content_flat: torch.Tensor  # flat positions excluded from neuron stats and top-k (specials, padding)
     not_content: torch.Tensor  # (B, T, 1) bool
     core: tuple[int, int] | None  # [lo, hi) positions that are content in every row (fast max path)
@@ -164,9 +168,9 @@ class Batch:
 
 def make_batch(
     windows: Sequence[Window], idx: Sequence[int], vocab: np.ndarray, pad_id: int, special_ids: set[int],
-    include_special: bool, device: torch.device,
+    include_special: bool, device: torch.device, fused: bool = False,
 ) -> Batch:
-    """Pad a list of windows (right padding) and build the shared index sets."""
+    """Pad a list of windows (right padding) and build the shared index sets (`fused`: for the numba kernels)."""
     wins = [windows[i] for i in idx]
     B, T = len(wins), max(len(w.ids) for w in wins)
     ids = np.full((B, T), pad_id, np.int64)
@@ -187,14 +191,19 @@ def make_batch(
         content &= ~np.isin(ids, list(special_ids))
     valid = mask.reshape(-1).astype(bool)
     rows = np.searchsorted(vocab, ids.reshape(-1)[valid])
-    urows, inv = np.unique(rows, return_inverse=True)
+    onehot = order = seg = None
+    if fused:
+        urows, order, seg = kernels.group_positions(rows, np.flatnonzero(valid))
+    else:
+        urows, inv = np.unique(rows, return_inverse=True)
+        onehot = token_onehot(inv.reshape(-1), np.flatnonzero(valid), len(urows), B * T, device)
     lo = 0 if include_special else wins[0].n_prefix
     hi = min((len(w.ids) if include_special else w.n_prefix + w.n_content) for w in wins)
     core = (lo, hi) if hi > lo and content[:, lo:hi].all() else None
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
     return Batch(
-        input_ids=t(ids), attention_mask=t(mask), token_rows=t(urows), token_onehot=token_onehot(inv.reshape(-1), np.flatnonzero(valid), len(urows), B * T, device),
-        not_content_flat=t(np.flatnonzero(~content.reshape(-1))), not_content=t(~content[:, :, None]), core=core,
+        input_ids=t(ids), attention_mask=t(mask), token_rows=t(urows), token_onehot=onehot, token_order=order, token_seg=seg,
+        content=content, not_content_flat=t(np.flatnonzero(~content.reshape(-1))), not_content=t(~content[:, :, None]), core=core,
         positions=t(pos), doc_ids=t(np.array([w.doc_id for w in wins], np.int64)),
         starts=t(np.array([w.start for w in wins], np.int64)), n_valid=int(valid.sum()), n_content=int(content.sum()),
     )
@@ -209,6 +218,19 @@ def token_onehot(rows: np.ndarray, positions: np.ndarray, n_rows: int, n_positio
     idx = torch.from_numpy(np.stack([rows, positions]).astype(np.int64))
     one = torch.ones(len(rows), dtype=torch.float32)
     return torch.sparse_coo_tensor(idx, one, (n_rows, n_positions), check_invariants=False).coalesce().to(device)
+
+
+def _use_fused(fused: bool | None, device: torch.device) -> bool:
+    """Resolve the `fused` option: the numba kernels run on CPU tensors only."""
+    if fused is None:
+        fused = device.type == "cpu" and kernels.available()
+    if fused:
+        if device.type != "cpu":
+            raise NeuronAtlasError(f"the fused (numba) statistics kernels run on CPU only, not on {device}")
+        if not kernels.available():
+            raise NeuronAtlasError("fused=True needs numba (pip install numba) and NEURONATLAS_NO_NUMBA unset")
+        kernels.set_threads(torch.get_num_threads())
+    return bool(fused)
 
 
 def _float32(x: torch.Tensor) -> torch.Tensor:
@@ -236,15 +258,18 @@ def _masked_amax(x: torch.Tensor, bt: Batch) -> torch.Tensor:
 class SiteAccumulator:
     """Running statistics of one site; `update(layer, x)` is called from the forward hook.
 
-    Every statistic is one pass over the layer's activations (memory-bound work is what costs here):
-    token sums by a sparse one-hot matmul over the real positions (padding has no entry), sum of squares and of
-    absolute values over all positions minus the few non-content rows, per-example maxima over the
-    content core, and argmax positions only for the examples that enter a neuron's top-k.
+    On CPU with numba (`fused`), two kernels of `kernels` do everything in about two passes over the
+    activations. Otherwise (CUDA, or fused=False) torch ops do it, each one pass (memory-bound work is
+    what costs here): token sums by a sparse one-hot matmul over the real positions (padding has no
+    entry), sums of squares and of absolute values over all positions minus the few non-content rows,
+    per-example maxima over the content core, and argmax positions only for the examples that enter a
+    neuron's top-k. Both paths give the same statistics (tests compare them with a naive reference).
     """
 
-    def __init__(self, n_layers: int, width: int, top_k: int, device: torch.device):
+    def __init__(self, n_layers: int, width: int, top_k: int, device: torch.device, fused: bool = False):
         self.L, self.W, self.k = n_layers, width, top_k
         self.device = device
+        self.fused = fused  # numba kernels (CPU): one pass per statistic group instead of the torch reductions
         f64 = dict(dtype=torch.float64, device=device)
         self.token_sum: torch.Tensor | None = None  # (L, ids of the current chunk, W), float64
         self.sum = torch.zeros((n_layers, width), **f64)
@@ -272,6 +297,10 @@ class SiteAccumulator:
         bt = self.batch
         assert bt is not None
         x = _float32(x)
+        self.count[layer] += bt.n_content
+        if self.fused:
+            self._fused_update(layer, x, bt)
+            return
         B, T, W = x.shape
         flat = x.reshape(B * T, W)
         nc = flat.index_select(0, bt.not_content_flat)
@@ -283,7 +312,6 @@ class SiteAccumulator:
         self.sum[layer] += (flat.sum(0) - nc.sum(0)).double()
         self.sum_sq[layer] += (torch.square(flat, out=scratch).sum(0) - torch.square(nc).sum(0)).double()
         self.abs_sum[layer] += (torch.abs(flat, out=scratch).sum(0) - nc.abs().sum(0)).double()
-        self.count[layer] += bt.n_content
         if bt.n_content == 0:
             return
         # top-k: per-example maxima; argmax positions only where an example can enter a neuron's top-k
@@ -319,6 +347,19 @@ class SiteAccumulator:
         o2 = torch.argsort(-merged["activation"], dim=1, stable=True)[:, : self.k]
         for k, v in merged.items():
             self.top[k][layer, cols] = torch.gather(v, 1, o2)
+
+    def _fused_update(self, layer: int, x: torch.Tensor, bt: Batch) -> None:
+        """The numba path of update(): token sums, neuron sums and top-k, each in place in one kernel call."""
+        xn = x.contiguous().numpy()
+        B, T, W = xn.shape
+        if self.token_sum is not None:
+            kernels.token_sums(xn.reshape(B * T, W), bt.token_order, bt.token_seg, bt.token_rows.numpy(), self.token_sum[layer].numpy())
+        if bt.n_content:
+            kernels.neuron_stats(
+                xn, bt.content, bt.positions.numpy(), bt.doc_ids.numpy(), bt.starts.numpy(),
+                self.sum[layer].numpy(), self.sum_sq[layer].numpy(), self.abs_sum[layer].numpy(),
+                {n: v[layer].numpy() for n, v in self.top.items()},
+            )
 
     def finish(self, token_ids: np.ndarray, token_count: np.ndarray, token_sum: Any, attrs: Mapping[str, Any]) -> SiteStats:
         """Move everything to numpy as a SiteStats (token_sum: an array, a spilled table or None)."""
@@ -410,8 +451,11 @@ def extract(
     spill_dir: str | os.PathLike | None = None,
     attrs: Mapping[str, Any] | None = None,
     progress: bool = True,
+    fused: bool | None = None,
 ) -> dict[str, SiteStats]:
     """Run the model over one corpus shard and return every site's statistics.
+
+    `fused`: use the numba kernels (default: on CPU when numba is available; False = the torch path).
 
     The per-token table of all sites together is kept below `token_table_mb`: when a shard's distinct
     ids would not fit, its windows are processed in chunks and each chunk's table is added into a
@@ -435,7 +479,8 @@ def extract(
     pad_id = man["pad_id"] if man["pad_id"] is not None else (man["suffix_ids"] or man["prefix_ids"] or [0])[0]
     special = set(man["special_ids"])
     shapes = {site: tuple(man["sites"][site]) for site in sites}
-    accs = {site: SiteAccumulator(L, W, top_k, lm.device) for site, (L, W) in shapes.items()}
+    fused = _use_fused(fused, lm.device)
+    accs = {site: SiteAccumulator(L, W, top_k, lm.device, fused) for site, (L, W) in shapes.items()}
     row_bytes = 8 * sum(L * W for L, W in shapes.values())
     cap = max(1, int(token_table_mb * 2**20 // row_bytes))
     if not token_stats or len(vocab) <= cap:
@@ -464,7 +509,7 @@ def extract(
                         acc.new_table(len(chunk_vocab))
                 sub = [windows[i] for i in chunk]
                 for idx in plan_batches(sub, batch_tokens, max_batch_size):
-                    bt = make_batch(sub, idx, chunk_vocab, pad_id, special, include_special, lm.device)
+                    bt = make_batch(sub, idx, chunk_vocab, pad_id, special, include_special, lm.device, fused)
                     for acc in accs.values():
                         acc.batch = bt
                     lm.model(input_ids=bt.input_ids, attention_mask=bt.attention_mask)
@@ -533,9 +578,8 @@ def image_batch(doc_ids: Sequence[int], n_positions: int, device: torch.device) 
     empty = torch.zeros(0, dtype=torch.int64, device=device)
     return Batch(
         input_ids=empty, attention_mask=empty, token_rows=empty,
-        token_onehot=torch.sparse_coo_tensor(torch.zeros((2, 0), dtype=torch.int64), torch.zeros(0), (0, B * T)).to(device),
-        not_content_flat=empty, not_content=torch.zeros((B, T, 1), dtype=torch.bool, device=device), core=(0, T),
-        positions=torch.arange(T, device=device).expand(B, T), doc_ids=torch.as_tensor(np.asarray(doc_ids, np.int64), device=device),
+        token_onehot=None, token_order=None, token_seg=None, content=np.ones((B, T), bool), not_content_flat=empty, not_content=torch.zeros((B, T, 1), dtype=torch.bool, device=device), core=(0, T),
+        positions=torch.arange(T, device=device).repeat(B, 1), doc_ids=torch.as_tensor(np.asarray(doc_ids, np.int64), device=device),
         starts=torch.zeros(B, dtype=torch.int64, device=device), n_valid=B * T, n_content=B * T,
     )
 
@@ -592,6 +636,7 @@ def extract_images(
     label_stats: bool = True,
     attrs: Mapping[str, Any] | None = None,
     progress: bool = True,
+    fused: bool | None = None,
 ) -> dict[str, SiteStats]:
     """Run an image model over one image shard and return every site's statistics.
 
@@ -612,7 +657,8 @@ def extract_images(
     if int(shard["doc_id"].max()) >= 1 << (63 - _KEY_SHIFT):
         raise NeuronAtlasError("document ids above 2**39 are not supported by the top-k key")
     shapes = {site: tuple(lm.manifest["sites"][site]) for site in sites}
-    accs = {site: SiteAccumulator(L, W, top_k, lm.device) for site, (L, W) in shapes.items()}
+    fused = _use_fused(fused, lm.device)
+    accs = {site: SiteAccumulator(L, W, top_k, lm.device, fused) for site, (L, W) in shapes.items()}
     labels = shard["label"].astype(object).where(shard["label"].notna(), "None").astype(str).to_numpy()
     names = sorted(set(labels))
     label_row = {n: i for i, n in enumerate(names)}
