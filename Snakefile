@@ -8,6 +8,13 @@ from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
+# Building the DAG allocates millions of small objects (the paper grid: ~5,000 jobs); with Python's default
+# thresholds the cyclic collector runs every 700 allocations and takes ~8% of a dry run's CPU. Jobs run in
+# their own processes, so this only concerns the scheduler, whose garbage is small.
+import gc
+
+gc.set_threshold(100_000, 50, 50)
+
 # The demo config is the embedded default; a --configfile replaces it (instead of being merged into it).
 if not workflow.overwrite_configfiles:
 

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from .clustering import cluster_sums
 from .io import atomic_path
 from .representations import Representation
 
@@ -32,16 +31,7 @@ def top_tokens(rep: Representation, neuron_ids: np.ndarray, labels: np.ndarray, 
     neuron_ids[labels == c]); clusters without members get no rows."""
     neuron_ids = np.asarray(neuron_ids, np.int64)
     sizes = np.bincount(labels, minlength=k)
-    value = cluster_sums(rep.values, labels, k, rows=neuron_ids)
-    if normalize:
-        norms = np.empty(neuron_ids.size)
-        for r0 in range(0, neuron_ids.size, 4096):
-            xb = rep.values[neuron_ids[r0 : r0 + 4096]]
-            norms[r0 : r0 + 4096] = np.sqrt(np.einsum("ij,ij->i", xb, xb, dtype=np.float64))
-        w = np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0)
-        scores = cluster_sums(rep.values, labels, k, weights=w, rows=neuron_ids)
-    else:
-        scores = value
+    value, scores = _cluster_sums(rep.values, neuron_ids, np.asarray(labels, np.int64), k, normalize)
     rows: list[dict[str, Any]] = []
     n = min(top_n, rep.token_ids.shape[0])
     for c in range(k):
@@ -56,6 +46,43 @@ def top_tokens(rep: Representation, neuron_ids: np.ndarray, labels: np.ndarray, 
                 "cluster_size": int(sizes[c]),
             })
     return rows
+
+
+def _cluster_sums(values: np.ndarray, neuron_ids: np.ndarray, labels: np.ndarray, k: int, normalize: bool,
+                  block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(K, T) float64 sums of the members' rows and of their unit-normalised rows, in one pass over the rows.
+
+    Rows are taken in slabs of <= `block` consecutive rows (views, no gathered copies) and summed per cluster
+    by one sparse product (a 0/1 matrix stacked on a 0/norm^-1 one): float32 within a slab, float64 across. The cut and refine
+    jobs of a K sweep each call this once, on representations of up to ~10^8 values.
+    """
+    import scipy.sparse as sp
+
+    T = values.shape[1]
+    value = np.zeros((k, T), np.float64)
+    scores = np.zeros((k, T), np.float64) if normalize else value
+    order = np.argsort(neuron_ids, kind="stable")
+    ids, labels = neuron_ids[order], labels[order]
+    i = 0
+    while i < ids.size:
+        # a slab of consecutive rows (a view, no copy) holding the next members; non-members get no entry
+        lo = int(ids[i])
+        j = int(np.searchsorted(ids, lo + block))
+        slab = np.asarray(values[lo : int(ids[j - 1]) + 1], np.float32)
+        local, lab = ids[i:j] - lo, labels[i:j]
+        ones = np.ones(local.size, np.float32)
+        if normalize:
+            norms = np.sqrt(np.einsum("ij,ij->i", slab, slab, dtype=np.float64))[local]
+            inv = np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0).astype(np.float32)
+            m = sp.csr_matrix((np.r_[ones, inv], (np.r_[lab, lab + k], np.r_[local, local])), shape=(2 * k, slab.shape[0]))
+        else:
+            m = sp.csr_matrix((ones, (lab, local)), shape=(k, slab.shape[0]))
+        part = m @ slab
+        value += part[:k]
+        if normalize:
+            scores += part[k:]
+        i = j
+    return value, scores
 
 
 def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> None:

@@ -131,12 +131,10 @@ if CLUSTERING["bootstrap"]["replicates"] > 0:
             "../scripts/cluster_bootstrap.py"
 
 
+# Every K's clustering (and, from the same jobs, its explanations) is an input of cluster_tables, which `all`
+# requests (explanations.smk): listing them here too would add two lookups per file to every DAG build
+# (~14,000 in the paper grid's K sweep) for nothing: a job with any output missing re-runs all the same.
 register_targets(
     "clustering",
-    lambda: (
-        [f"{cl_dir(m, d, s, v)}/k{k}{suffix}.parquet" for m, d, s in CL_GRID for v in CL_VARIANTS for k in CLUSTERING["k"] for suffix in ("", "-refined")]
-        + [f"{site_dir(m, d, s)}/clusters/distance-sweep.csv" for m, d, s in CL_GRID]
-    )
-    if clj.enabled(config)
-    else [],
+    lambda: [f"{site_dir(m, d, s)}/clusters/distance-sweep.csv" for m, d, s in CL_GRID] if clj.enabled(config) else [],
 )

@@ -82,10 +82,9 @@ rule cluster_tables:
 
 register_targets(
     "explanations",
+    # the per-K explanations come from the cut/refine jobs that cluster_tables needs (see clustering.smk)
     lambda: (
-        [f"{cl_expl(m, d, s, v)}/k{k}{suffix}.{ext}" for m, d, s in CL_GRID for v in CL_VARIANTS for k in CLUSTERING["k"]
-         for suffix in ("", "-refined") for ext in ("csv", "md")]
-        + [_cl_fig(n).format(model=m, dataset=d, site=s) for m, d, s in CL_GRID
+        [_cl_fig(n).format(model=m, dataset=d, site=s) for m, d, s in CL_GRID
            for n in ("fig1-refinement", "fig2-distance-vs-k", "fig3-token-embeddings", "fig5-neuron-positions")]
         + [f"{R}/tables/clusters/{n.replace('_', '-')}.{ext}" for n in CL_TABLES for ext in ("csv", "md")]
     )
