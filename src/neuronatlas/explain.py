@@ -53,7 +53,9 @@ def _cluster_sums(values: np.ndarray, neuron_ids: np.ndarray, labels: np.ndarray
     """(K, T) float64 sums of the members' rows and of their unit-normalised rows, in one pass over the rows.
 
     Rows are taken in slabs of <= `block` consecutive rows (views, no gathered copies) and summed per cluster
-    by one sparse product (a 0/1 matrix stacked on a 0/norm^-1 one): float32 within a slab, float64 across. The cut and refine
+    by one sparse product (a 0/1 matrix stacked on a 0/norm^-1 one): float32 within a slab, float64 across.
+    Ranking tokens needs no more; `clustering.cluster_sums` stays float64 throughout because the
+    within-cluster distances subtract large sums from each other. The cut and refine
     jobs of a K sweep each call this once, on representations of up to ~10^8 values.
     """
     import scipy.sparse as sp

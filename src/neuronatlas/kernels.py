@@ -52,15 +52,20 @@ def _kernels() -> tuple[Any, Any]:
         # the store's top-k order: activation desc, then (doc_id, start) asc
         return v > av or (v == av and (d < ad or (d == ad and st < ast)))
 
+    @njit(inline="always")
+    def _columns(blk, n_blocks, width):  # pragma: no cover - compiled
+        # the [lo, hi) neuron columns of block `blk`: each thread owns its columns
+        size = (width + n_blocks - 1) // n_blocks
+        lo = min(blk * size, width)
+        hi = min(width, lo + size)
+        return lo, hi, hi - lo
+
     @njit(parallel=True, fastmath=fast, nogil=True, cache=True)
     def neuron_stats(x, content, positions, doc_ids, starts, s, q, a, top_act, top_doc, top_pos, top_start, n_blocks):  # pragma: no cover - compiled
         B, T, W = x.shape
         K = top_act.shape[1]
-        bs = (W + n_blocks - 1) // n_blocks
         for blk in prange(n_blocks):
-            lo = blk * bs
-            hi = min(W, lo + bs)
-            n = max(hi - lo, 0)
+            lo, hi, n = _columns(blk, n_blocks, W)
             ls = np.zeros(n, np.float64)
             lq = np.zeros(n, np.float64)
             la = np.zeros(n, np.float64)
@@ -105,12 +110,8 @@ def _kernels() -> tuple[Any, Any]:
 
     @njit(parallel=True, fastmath=fast, nogil=True, cache=True)
     def token_sums(x2, order, seg, rows, table, n_blocks):  # pragma: no cover - compiled
-        W = x2.shape[1]
-        bs = (W + n_blocks - 1) // n_blocks
         for blk in prange(n_blocks):
-            lo = blk * bs
-            hi = min(W, lo + bs)
-            n = max(hi - lo, 0)
+            lo, hi, n = _columns(blk, n_blocks, x2.shape[1])
             acc = np.zeros(n, np.float64)
             for u in range(rows.shape[0]):
                 acc[:] = 0.0
