@@ -48,3 +48,11 @@ rule all:
     input:
         all_targets(),
     default_target: True
+
+
+# Snakemake recomputes two constants per job (callable resources' signatures, script cache paths): about a
+# sixth of a 5,000-job dry run. Memoize them; see neuronatlas/smk_speedups.py (same results, off with
+# NEURONATLAS_NO_SMK_SPEEDUPS=1).
+import neuronatlas.smk_speedups
+
+neuronatlas.smk_speedups.apply(workflow.rules)

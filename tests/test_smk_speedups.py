@@ -1,0 +1,67 @@
+"""The Snakemake memoizations return what Snakemake itself computes (they only skip recomputation)."""
+
+from __future__ import annotations
+
+import inspect
+from types import SimpleNamespace
+
+import pytest
+
+from neuronatlas import smk_speedups
+
+smc = pytest.importorskip("snakemake.common")
+smr = pytest.importorskip("snakemake.resources")
+sc = pytest.importorskip("snakemake.sourcecache")
+
+# the original: nothing in the test process applies the memoizations before this module is imported
+ORIGINAL_GET_CACHE_PATH = sc.SourceFile.__dict__["get_cache_path"]
+
+
+def _rules(*funcs):
+    return [SimpleNamespace(resources={f"r{i}": smr.Resource(f"r{i}", f) for i, f in enumerate(funcs)}), SimpleNamespace(resources=None)]
+
+
+def test_pinned_snakemake_is_supported():
+    assert smk_speedups.supported()
+
+
+def test_resource_evaluation_unchanged(monkeypatch):
+    monkeypatch.delenv(smk_speedups.DISABLE_ENV, raising=False)
+
+    def mem(wildcards, threads):
+        return 100 * threads + len(wildcards.model)
+
+    def runtime(wc, attempt, **kw):
+        return 10 * attempt + len(kw)
+
+    expected = {"mem": inspect.signature(mem).parameters, "runtime": inspect.signature(runtime).parameters}
+    n = smk_speedups.apply(_rules(mem, runtime))
+    assert n == 3  # Resource.evaluate and both evaluators
+    assert smc.get_function_params(mem) == expected["mem"]
+    assert smc.get_function_params(runtime) == expected["runtime"]
+    wc = SimpleNamespace(model="bert")
+    res = smr.Resource("mem_mb", mem).evaluate(wc, threads=2, attempt=1, input=[])
+    assert res.value == 204  # threads passed, attempt/input filtered out by the recorded signature
+    res = smr.Resource("runtime", runtime).evaluate(wc, threads=2, attempt=3, input=[])
+    assert res.value == 30 + 2  # **kw receives every other candidate, as without the memo
+    assert "kwargs" in smc.get_function_params(smr.Resource("x", mem).evaluate)
+
+
+@pytest.mark.parametrize("path", ["/work/x/workflow/scripts/extract.py", "rel/dir/a%20b.py",
+                                  "https://example.org/w/scripts/s.py", "file:///tmp/a.py"])
+def test_cache_path_unchanged(path):
+    smk_speedups.apply([])
+    assert sc.SourceFile.get_cache_path is smk_speedups._memo_get_cache_path
+    src = sc.LocalSourceFile(path)
+    assert src.get_cache_path() == ORIGINAL_GET_CACHE_PATH(src)
+    assert src.get_cache_path() == ORIGINAL_GET_CACHE_PATH(src)  # the cached value, the second time
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv(smk_speedups.DISABLE_ENV, "1")
+
+    def f(wildcards):
+        return 1
+
+    assert smk_speedups.apply(_rules(f)) == 0
+    assert not hasattr(f, "_overwrite_params")
