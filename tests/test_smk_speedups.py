@@ -65,3 +65,42 @@ def test_disabled_by_environment(monkeypatch):
 
     assert smk_speedups.apply(_rules(f)) == 0
     assert not hasattr(f, "_overwrite_params")
+
+
+def test_benchmark_sampler_backs_off(monkeypatch):
+    """Sampling gaps start at Snakemake's 0.5 s, grow 1.5x and stop growing at the timer's interval."""
+    smb = pytest.importorskip("snakemake.benchmark")
+    monkeypatch.delenv(smk_speedups.DISABLE_ENV, raising=False)
+    smk_speedups.apply([])
+    delays = []
+
+    class Recorder:
+        def __init__(self, interval, function):
+            delays.append(interval)
+
+        def start(self):
+            pass
+
+    monkeypatch.setattr(smb, "DaemonTimer", Recorder)
+    timer = smb.ScheduledPeriodicTimer(30)
+    for called in range(1, 16):
+        timer._times_called = called
+        timer._schedule()
+    assert delays[0] == smb.BENCHMARK_INTERVAL_SHORT == 0.5
+    assert delays[1] == pytest.approx(0.75) and delays[2] == pytest.approx(1.125)
+    assert all(b >= a for a, b in zip(delays, delays[1:])) and delays[-1] == 30
+    assert sum(delays[:6]) == pytest.approx(0.5 * (1.5 ** 6 - 1) / 0.5)  # 6 samples after the first cover 10.4 s
+
+
+def test_benchmark_records_still_written(tmp_path):
+    """A benchmarked child process still gets its running time and a memory sample under the sparser sampler."""
+    smb = pytest.importorskip("snakemake.benchmark")
+    import subprocess
+    import sys
+
+    smk_speedups.apply([])
+    proc = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(50_000_000); time.sleep(1.5)"])
+    with smb.benchmarked(proc.pid) as rec:
+        proc.wait()
+    assert rec.running_time >= 1.0
+    assert rec.max_rss is not None and rec.max_rss > 40  # MB, sampled while the child held 50 MB

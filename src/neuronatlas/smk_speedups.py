@@ -1,4 +1,4 @@
-"""Memoizations for Snakemake's per-job overhead, applied by the Snakefile (pure speed, same results).
+"""Cuts to Snakemake's per-job overhead, applied by the Snakefile: memoizations (same results) and a sparser sampler.
 
 Building the paper grid's DAG (~5,000 jobs) spends about a sixth of its CPU in two places where Snakemake
 recomputes a constant for every job:
@@ -11,9 +11,18 @@ recomputes a constant for every job:
   `smart_open.parse_uri` that builds a new namedtuple class; it is a pure function of the source's class and
   path, so it is cached per (class, path).
 
-Measured on the paper grid (5,063 jobs, 2 cores): dry run 12.8 s -> 9.2-10.0 s. `apply` checks that the
-Snakemake internals it relies on are there and does nothing otherwise (a newer Snakemake then just runs at its
-own speed); `NEURONATLAS_NO_SMK_SPEEDUPS=1` turns it off.
+Measured on the paper grid (5,063 jobs, 2 cores): dry run 12.8 s -> 9.2-10.0 s.
+
+A real run also pays for the `benchmark:` sampler, in the scheduler process: Snakemake samples every job's
+process tree every 0.5 s for its first 30 samples, then every 30 s, and each sample reads /proc/<pid>/smaps_rollup
+(for USS/PSS), which costs ~28 ms of kernel time for a 2 GB process. On the demo (341 jobs, most of them
+torch processes of 1-4 GB) that was ~5 min of the scheduler's CPU on a 2-core machine. The sampler here keeps
+the first sample at the start and the next at 0.5 s, then lets the gaps grow by 1.5x up to Snakemake's 30 s
+(samples at 0, 0.5, 1.25, 2.4, 4.1, 6.6, 10.4, 16, 25, 37, 56, 85 s, then every 30 s): a 15 s job gets 7
+samples instead of 30, a 60 s job 11 instead of 31. Peak memory is a maximum over samples either way.
+
+`apply` checks that the Snakemake internals it relies on are there and does nothing otherwise (a newer Snakemake
+then just runs at its own speed); `NEURONATLAS_NO_SMK_SPEEDUPS=1` turns it off.
 """
 
 from __future__ import annotations
@@ -55,23 +64,40 @@ def _memo_get_cache_path(self: Any) -> str:
     return _cache_path(type(self), self.get_path_or_uri(secret_free=True))
 
 
+SAMPLING_GROWTH = 1.5  # ratio of consecutive benchmark sampling gaps (Snakemake: 1, for 30 samples)
+
+
+def _backoff_schedule(self: Any) -> None:
+    """Drop-in for ScheduledPeriodicTimer._schedule: gaps of 0.5 s x 1.5^n, capped at the timer's interval."""
+    import snakemake.benchmark as smb
+
+    delay = min(float(self._interval), smb.BENCHMARK_INTERVAL_SHORT * SAMPLING_GROWTH ** max(self._times_called - 1, 0))
+    self._timer = smb.DaemonTimer(delay, self._action)
+    self._timer.start()
+
+
 def supported() -> bool:
     """Whether this Snakemake has the internals `apply` relies on (same code as snakemake 9.27)."""
     try:
         import snakemake.common as smc
         import snakemake.resources as smr
+        import snakemake.benchmark as smb
         import snakemake.sourcecache as sc
     except ImportError:
         return False
+    timer = getattr(smb, "ScheduledPeriodicTimer", None)
     return (getattr(smc, "FUNC_OVERWRITE_PARAMS_ATTR", None) == _PARAMS_ATTR
             and hasattr(smr, "Resource") and hasattr(smr.Resource, "evaluate")
-            and hasattr(sc, "SourceFile") and hasattr(sc.SourceFile, "get_cache_path"))
+            and hasattr(sc, "SourceFile") and hasattr(sc.SourceFile, "get_cache_path")
+            and timer is not None and hasattr(timer, "_schedule") and hasattr(smb, "DaemonTimer")
+            and isinstance(getattr(smb, "BENCHMARK_INTERVAL_SHORT", None), (int, float)))
 
 
 def apply(rules: Iterable[Any]) -> int:
-    """Apply both memoizations for `rules` (a workflow's rules); returns the number of callables fixed, 0 if off."""
+    """Apply the memoizations for `rules` (a workflow's rules) and the sampler; returns the callables fixed, 0 if off."""
     if os.environ.get(DISABLE_ENV, "") not in ("", "0") or not supported():
         return 0
+    import snakemake.benchmark as smb
     import snakemake.resources as smr
     import snakemake.sourcecache as sc
 
@@ -83,4 +109,5 @@ def apply(rules: Iterable[Any]) -> int:
                 n += int(_fix_params(evaluator))
     if sc.SourceFile.get_cache_path is not _memo_get_cache_path:
         sc.SourceFile.get_cache_path = _memo_get_cache_path  # type: ignore[method-assign]
+    smb.ScheduledPeriodicTimer._schedule = _backoff_schedule  # type: ignore[method-assign]
     return n
