@@ -91,3 +91,19 @@ def test_topk_merge_orders_ties_by_document():
         np.testing.assert_array_equal(ab[n], ba[n])
     assert ab["doc_id"][0, 0].tolist() == [2, 7, 9]
     assert ab["activation"][0, 0].tolist() == [5.0, 5.0, 4.0]
+
+
+def test_job_log_records_duration_cpu_and_peak_rss(tmp_path):
+    """A job's log ends with its duration, its process CPU seconds and peak RSS (how well it used its threads)."""
+    import re
+
+    from neuronatlas import jobs
+
+    log = tmp_path / "logs" / "job.log"
+    with jobs.logged(log):
+        block = bytearray(30_000_000)  # 30 MB held while the job runs
+        print("working", len(block))
+    last = log.read_text().strip().splitlines()[-1]
+    m = re.fullmatch(r"done in ([\d.]+)s; process CPU ([\d.]+)s, peak RSS (\d+) MB", last)
+    assert m, last
+    assert float(m.group(2)) > 0 and int(m.group(3)) >= 30

@@ -18,6 +18,15 @@ from . import __version__
 from .io import config_hash, write_json
 
 
+def process_usage() -> str:
+    """This process's CPU seconds and peak RSS so far (start-up included), for the job log: how well it used its threads."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    return f"process CPU {cpu:.1f}s, peak RSS {max(own.ru_maxrss, kids.ru_maxrss) / 1024:.0f} MB"
+
+
 @contextlib.contextmanager
 def logged(log_path: str | os.PathLike | None) -> Iterator[None]:
     """Send stdout/stderr (tqdm, prints, warnings) of a job to its log file; re-raise errors after logging."""
@@ -34,7 +43,7 @@ def logged(log_path: str | os.PathLike | None) -> Iterator[None]:
         try:
             print(f"neuronatlas {__version__}; pid {os.getpid()}; host {os.uname().nodename}", flush=True)
             yield
-            print(f"done in {time.perf_counter() - t0:.1f}s", flush=True)
+            print(f"done in {time.perf_counter() - t0:.1f}s; {process_usage()}", flush=True)
         except BaseException as exc:
             import traceback
 
