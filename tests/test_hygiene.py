@@ -240,6 +240,32 @@ def expected_job_counts(cfg: dict) -> dict[str, int]:
             counts["cluster_bootstrap"] = len(cl_grid)
         if "smooth" in variants and cluster_jobs.vectors_source(cfg) != "glove-6b-50d":
             counts["fetch_word_vectors"] = 1
+        # stage explanations: one figure job per (model, dataset, site), one tables job
+        counts["cluster_figures"] = len(cl_grid)
+        counts["cluster_tables"] = 1
+    # stage modularity (issue G): scores per (model, experiment) for the trained model and its twin; a
+    # pruning search per (experiment, drop); an overlap per experiment; with MoE on, one MoE clustering per
+    # model and one Lorenz job per experiment
+    exps = cfg["modularity"]["experiments"]
+    if exps:
+        counts["modularity_scores"] = sum(1 + bool(e["random_model"]) for e in exps.values())
+        counts["modularity_prune"] = sum(len(e["drops"]) for e in exps.values())
+        counts["modularity_overlap"] = len(exps)
+        moe_models = {m for e in exps.values() if e["moe"] for m in (e["model"], e["random_model"]) if m}
+        if moe_models:
+            counts["modularity_moe"] = len(moe_models)
+            counts["modularity_lorenz"] = sum(bool(e["moe"]) for e in exps.values())
+    # stage textualization (issue F): per model one word scan and one tables job; the single-neuron experiment
+    # one job; the group experiment one target-word job and one job per k
+    tx = cfg["textualization"]
+    tx_models = list(tx["models"]) if tx["single"]["enabled"] or tx["groups"]["enabled"] else []
+    if tx_models:
+        counts["textualization_scan"] = counts["textualization_tables"] = len(tx_models)
+        if tx["single"]["enabled"]:
+            counts["textualization_single"] = len(tx_models)
+        if tx["groups"]["enabled"]:
+            counts["textualization_targets"] = len(tx_models)
+            counts["textualization_group"] = len(tx_models) * len(tx["groups"]["k"])
     return counts
 
 
