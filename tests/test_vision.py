@@ -179,7 +179,7 @@ def test_train_a_tiny_vit_and_prepare_it_with_its_twin(image_shards, tmp_path):
     lm = models.load(tmp_path / "v" / "manifest.json", "cpu", "float32", head=True)
     test = vision.read_image_shards([paths[1]])
     x = vision.pixel_values(lm.processor, test["image"].tolist(), 1)
-    assert vision.accuracy(lm.model, x, torch.as_tensor(test["target"].to_numpy())) == pytest.approx(info["test_accuracy"])
+    assert vision.accuracy(lm.model, x, torch.as_tensor(test["target"].to_numpy().copy())) == pytest.approx(info["test_accuracy"])
     assert lm.model.config.id2label[int(test["target"].iloc[0])] == test["label"].iloc[0]
     twin = {**spec, "model": "vr", "source": "random", "config": None, "train": None, "init_from": "v"}
     twin.pop("train")
