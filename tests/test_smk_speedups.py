@@ -17,6 +17,16 @@ sc = pytest.importorskip("snakemake.sourcecache")
 ORIGINAL_GET_CACHE_PATH = sc.SourceFile.__dict__["get_cache_path"]
 
 
+@pytest.fixture(autouse=True)
+def _restore_snakemake():
+    """Undo apply()'s class-level changes after each test (Snakemake runs elsewhere in this process stay stock)."""
+    smb = pytest.importorskip("snakemake.benchmark")
+    saved = (sc.SourceFile.__dict__["get_cache_path"], smb.ScheduledPeriodicTimer.__dict__["_schedule"])
+    yield
+    sc.SourceFile.get_cache_path, smb.ScheduledPeriodicTimer._schedule = saved
+    vars(smr.Resource.evaluate).pop("_overwrite_params", None)
+
+
 def _rules(*funcs):
     return [SimpleNamespace(resources={f"r{i}": smr.Resource(f"r{i}", f) for i, f in enumerate(funcs)}), SimpleNamespace(resources=None)]
 
@@ -65,6 +75,19 @@ def test_disabled_by_environment(monkeypatch):
 
     assert smk_speedups.apply(_rules(f)) == 0
     assert not hasattr(f, "_overwrite_params")
+    assert sc.SourceFile.get_cache_path is ORIGINAL_GET_CACHE_PATH
+
+
+def test_unsupported_snakemake_is_reported_and_left_alone(monkeypatch, capsys):
+    monkeypatch.delenv(smk_speedups.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(smk_speedups, "supported", lambda: False)
+
+    def f(wildcards):
+        return 1
+
+    assert smk_speedups.apply(_rules(f)) == 0
+    assert "lacks the internals" in capsys.readouterr().err
+    assert not hasattr(f, "_overwrite_params") and sc.SourceFile.get_cache_path is ORIGINAL_GET_CACHE_PATH
 
 
 def test_benchmark_sampler_backs_off(monkeypatch):

@@ -1,7 +1,7 @@
 """Cuts to Snakemake's per-job overhead, applied by the Snakefile: memoizations (same results) and a sparser sampler.
 
-Building the paper grid's DAG (~5,000 jobs) spends about a sixth of its CPU in two places where Snakemake
-recomputes a constant for every job:
+Building the paper grid's DAG (~5,000 jobs) spends much of its CPU in two places where Snakemake recomputes a
+constant for every job:
 
 * `inspect.signature` of every callable resource (three calls per resource per job: twice on the bound
   `Resource.evaluate`, once on the rule's own function). Signatures never change, and Snakemake already has
@@ -11,7 +11,7 @@ recomputes a constant for every job:
   `smart_open.parse_uri` that builds a new namedtuple class; it is a pure function of the source's class and
   path, so it is cached per (class, path).
 
-Measured on the paper grid (5,063 jobs, 2 cores): dry run 12.8 s -> 9.2-10.0 s.
+Measured on the paper grid (5,063 jobs, 2 cores): dry run 12.8 s -> 9.1-9.7 s.
 
 A real run also pays for the `benchmark:` sampler, in the scheduler process: Snakemake samples every job's
 process tree every 0.5 s for its first 30 samples, then every 30 s, and each sample reads /proc/<pid>/smaps_rollup
@@ -21,8 +21,8 @@ the first sample at the start and the next at 0.5 s, then lets the gaps grow by 
 (samples at 0, 0.5, 1.25, 2.4, 4.1, 6.6, 10.4, 16, 25, 37, 56, 85 s, then every 30 s): a 15 s job gets 7
 samples instead of 30, a 60 s job 11 instead of 31. Peak memory is a maximum over samples either way.
 
-`apply` checks that the Snakemake internals it relies on are there and does nothing otherwise (a newer Snakemake
-then just runs at its own speed); `NEURONATLAS_NO_SMK_SPEEDUPS=1` turns it off.
+`apply` checks that the Snakemake internals it relies on are there; otherwise it says so on stderr and changes
+nothing (a newer Snakemake then runs at its own speed). `NEURONATLAS_NO_SMK_SPEEDUPS=1` turns it off.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -95,7 +96,11 @@ def supported() -> bool:
 
 def apply(rules: Iterable[Any]) -> int:
     """Apply the memoizations for `rules` (a workflow's rules) and the sampler; returns the callables fixed, 0 if off."""
-    if os.environ.get(DISABLE_ENV, "") not in ("", "0") or not supported():
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return 0
+    if not supported():
+        print("neuronatlas: this Snakemake lacks the internals smk_speedups.py memoizes (written for 9.27.1); "
+              "running without them (slower DAG builds, same results)", file=sys.stderr)
         return 0
     import snakemake.benchmark as smb
     import snakemake.resources as smr
