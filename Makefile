@@ -15,6 +15,7 @@ help:
 	@echo "make demo   set up .venv + offline assets, run the offline demo DAG, build the report"
 	@echo "make test   set up .venv + offline assets, run the test suite"
 	@echo "make bench  run every benchmark (JSON on stdout)"
+	@echo "make lint   ruff, snakefmt and snakemake --lint"
 
 # Re-runs only when the pins change; `rm -r .venv` forces a clean install.
 $(STAMP): requirements.txt requirements-assets.txt pyproject.toml
@@ -40,8 +41,14 @@ test: setup
 bench: setup
 	$(BIN)/python -m neuronatlas.bench all
 
+# House style: ruff (lint + format) on Python, snakefmt on the Snakefile and rule files, snakemake --lint
+# on the demo and the full config.
 lint: setup
-	$(BIN)/snakemake --lint
+	$(BIN)/ruff check src tests workflow/scripts
+	$(BIN)/ruff format --check src tests workflow/scripts
+	$(BIN)/snakefmt --check Snakefile workflow/rules
+	$(BIN)/snakemake --lint --configfile config/demo.yaml
+	$(BIN)/snakemake --lint --configfile config/config.yaml
 
 clean-results:
 	rm -rf results .snakemake

@@ -17,21 +17,31 @@ import helpers  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def tokenizers(tmp_path_factory) -> dict[str, Path]:
-    return helpers.build_tokenizers(tmp_path_factory.mktemp("tok"))
+def tokenizers() -> dict[str, Path]:
+    """The tiny tokenizers of .test/tokenizers (trained on the fixture corpus by helpers.build_tokenizers)."""
+    return {name: helpers.TEST_DIR / "tokenizers" / name for name in ("bert", "gpt2")}
 
 
 def _random_params(name: str, hf_config: dict, tokenizer: Path | None) -> dict:
     return {
-        "model": name, "source": "random", "config": copy.deepcopy(hf_config), "tokenizer": None if tokenizer is None else str(tokenizer),
-        "family": "auto", "seed": 0, "id": None, "revision": None, "path": None, "name": None, "init_from": None,
+        "model": name,
+        "source": "random",
+        "config": copy.deepcopy(hf_config),
+        "tokenizer": None if tokenizer is None else str(tokenizer),
+        "family": "auto",
+        "seed": 0,
+        "id": None,
+        "revision": None,
+        "path": None,
+        "name": None,
+        "init_from": None,
     }
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, tokenizers) -> dict[str, Path]:
     """Manifests of a tiny BERT and a tiny GPT-2 (random, seed 0)."""
-    from neuronatlas.models import prepare
+    from neuronatlas.core.models import prepare
 
     root = tmp_path_factory.mktemp("models")
     out = {}
@@ -54,7 +64,7 @@ def tiny_dag(tmp_path_factory, tokenizers):
     """
     import yaml
 
-    from neuronatlas import config as nacfg
+    from neuronatlas.core import config as nacfg
 
     work = tmp_path_factory.mktemp("dag")
     cfg = helpers.tiny_config(work, tokenizers)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -15,8 +14,7 @@ import numpy as np
 from neuronatlas.bench import dag as bdag
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO / "tests" / "fixtures"
-CORPUS = FIXTURES / "corpus"
+CORPUS = REPO / ".test" / "data"
 
 
 def fixture_texts() -> list[str]:
@@ -27,7 +25,8 @@ def fixture_texts() -> list[str]:
 
 
 def build_tokenizers(out: Path) -> dict[str, Path]:
-    """Train a BERT-style WordPiece and a GPT-2-style byte-level BPE tokenizer (deterministic, < 1 s)."""
+    """Train a BERT-style WordPiece and a GPT-2-style byte-level BPE tokenizer on the fixture corpus
+    (deterministic, < 1 s): how .test/tokenizers/ was made (tests/test_config.py checks it still is)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -47,7 +46,7 @@ def build_tokenizers(out: Path) -> dict[str, Path]:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=wp, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
     )
-    paths["bert"] = out / "tok-bert"
+    paths["bert"] = out / "bert"
     fast.save_pretrained(paths["bert"])
     # GPT-2-like
     bpe = Tokenizer(models.BPE())
@@ -55,87 +54,42 @@ def build_tokenizers(out: Path) -> dict[str, Path]:
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(
         texts,
-        trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False),
+        trainers.BpeTrainer(
+            vocab_size=500, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        ),
     )
     fast = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>")
-    paths["gpt2"] = out / "tok-gpt2"
+    paths["gpt2"] = out / "gpt2"
     fast.save_pretrained(paths["gpt2"])
     return paths
 
 
-TINY_BERT = {
-    "model_type": "bert", "hidden_size": 24, "num_hidden_layers": 2, "num_attention_heads": 2,
-    "intermediate_size": 48, "vocab_size": 400, "max_position_embeddings": 128,
-}
-TINY_GPT2 = {
-    "model_type": "gpt2", "n_embd": 24, "n_layer": 2, "n_head": 2, "vocab_size": 500, "n_positions": 128,
-    "bos_token_id": 0, "eos_token_id": 0,
-}
+TEST_DIR = REPO / ".test"
+TEST_CONFIG = TEST_DIR / "config.yaml"
 
 
-def tiny_config(tmp: Path, tokenizers: dict[str, Path], **overrides: Any) -> dict[str, Any]:
-    """A complete tiny workflow config: two tiny random models on the fixture corpus."""
-    cfg: dict[str, Any] = {
-        "results_dir": str(tmp / "results"),
-        "seed": 0,
-        "threads": 1,
-        "datasets": {
-            "fix": {"source": "files", "glob": str(CORPUS / "*.jsonl"), "shards": 3, "eval_shards": [2], "label_field": "label"},
-            "notes": {"source": "files", "glob": str(CORPUS / "*.txt"), "shards": 1, "shuffle": False},
-            # modularity (G): 200 Fashion-MNIST test images, shard 1 held out for the pruning evaluation
-            "fimg": {"source": "packaged", "name": "fashion_mnist", "split": "test", "max_documents": 200, "shards": 2, "eval_shards": [1]},
-        },
-        "models": {
-            "tbert": {
-                "source": "random", "config": copy.deepcopy(TINY_BERT), "tokenizer": str(tokenizers["bert"]),
-                "sites": ["residual", "mlp", "ffn_out"], "datasets": ["fix"], "max_length": 16, "batch_tokens": 64,
-            },
-            "tgpt": {
-                "source": "random", "config": copy.deepcopy(TINY_GPT2), "tokenizer": str(tokenizers["gpt2"]),
-                "sites": ["residual", "mlp"], "datasets": ["fix", "notes"], "max_length": 16, "batch_tokens": 64,
-            },
-            # modularity (G): a tiny ViT trained by the workflow (12 epochs on fimg, ~1 s) and its random twin
-            "tvit": {
-                "source": "train", "sites": ["mlp"], "datasets": ["fimg"],
-                "config": {"model_type": "vit", "image_size": 28, "patch_size": 7, "num_channels": 1, "hidden_size": 16,
-                           "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32},
-                "train": {"dataset": "fimg", "eval_dataset": "fimg", "epochs": 12, "batch_size": 20, "lr": 0.005},
-            },
-            "tvit_random": {"source": "random", "init_from": "tvit", "sites": ["mlp"], "datasets": ["fimg"]},
-        },
-        "activations": {"top_k": 4},
-        # stage sections (each stage inserts its own above its anchor)
-        # neuron clusters: one (model, dataset, site) of 96 neurons; raw + smooth exercise every rule
-        # (filter is built as smooth's source); K 2 and 4
-        "representations": {"models": ["tbert"], "sites": ["mlp"], "variants": ["raw", "smooth"], "min_count": {"fix": 2}},
-        "clustering": {"k": [2, 4], "sweep_k": [2, 3, 5], "index_random": 5},
-        "explanations": {"top_n": 5, "markdown_tokens": 3, "figures": {"k": 4, "refinement_clusters": 2, "position_clusters": 2}},
-        # @anchor B
-        # causal intervention: the tiny BERT's clusterings (2 clusters each, 2 seeds); its MLM head is fitted
-        # (fit_mlm_head) although the random model has one, to exercise the rule
-        "ablation": {"clusters_per_clustering": 2, "seeds": 2, "max_sentences": 4, "max_length": 16, "refined_variants": ["raw"], "batch_tokens": 512},
-        "mlm_head": {"models": ["tbert"], "max_tokens": 600, "max_eval_tokens": 300, "epochs": 1, "max_length": 16, "batch_positions": 64},
-        # @anchor C
-        "n2g": {
-            "runs": {"tgpt": ["fix"]}, "layers": [1], "neurons_per_layer": 3, "random_eval_windows": 2,
-            "augment": {"mlm": "tbert", "substitutions": 2, "max_words": 2, "min_probability": 0.0},
-        },
-        "feature_clusters": {"runs": {"tgpt": ["fix"]}, "layers": [0, 1], "neurons_per_layer": 3},
-        # @anchor E
-        # feature textualization: the tiny BERT, 12 single neurons, one k (5 jobs: scan, targets, single, group, tables)
-        "textualization": {
-            "models": ["tbert"], "steps": 8, "batch_size": 16, "history_every": 4, "scan_batch": 128,
-            "single": {"fraction": 0.25}, "groups": {"k": [3], "n_random": 5, "n_frequent": 2, "examples": 2},
-        },
-        # @anchor F
-        # modularity: the tiny ViT's classes as tasks, one drop; MoE off (its rules are exercised in test_modularity)
-        "modularity": {
-            "search": {"tolerance": 0.1, "max_steps": 6}, "eval": {"max_examples": 8, "batch_size": 16},
-            "experiments": {"img": {"model": "tvit", "random_model": "tvit_random", "tasks": ["fimg"], "drops": [0.5], "moe": False}},
-        },
-        # @anchor G
-        # @anchor D
-    }
+def test_config_file() -> dict[str, Any]:
+    """The tiny config of .test/config.yaml as written (paths relative to .test/)."""
+    import yaml
+
+    return yaml.safe_load(TEST_CONFIG.read_text())
+
+
+TINY_BERT = test_config_file()["models"]["tbert"]["config"]
+TINY_GPT2 = test_config_file()["models"]["tgpt"]["config"]
+
+
+def tiny_config(tmp: Path, tokenizers: dict[str, Path] | None = None, **overrides: Any) -> dict[str, Any]:
+    """The tiny workflow config (.test/config.yaml) with absolute paths and results under `tmp`; `overrides`
+    replace whole top-level sections."""
+    cfg = test_config_file()
+    cfg["results_dir"] = str(tmp / "results")
+    for spec in cfg["datasets"].values():
+        if spec.get("glob"):
+            spec["glob"] = str(TEST_DIR / spec["glob"])
+    for spec in cfg["models"].values():
+        if spec.get("tokenizer"):
+            spec["tokenizer"] = str(TEST_DIR / spec["tokenizer"])
     for key, value in overrides.items():
         cfg[key] = value
     return cfg
@@ -153,8 +107,20 @@ def naive_token_means(records: list[tuple[int, np.ndarray]]) -> dict[int, np.nda
 
 def snakemake(workdir: Path, *args: str, configfile: str = "tiny.yaml", check: bool = True) -> subprocess.CompletedProcess:
     """Run the workflow's Snakefile in `workdir` with `workdir/<configfile>`; raise with its output on failure."""
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-           "--configfile", str(workdir / configfile), "--cores", "2", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(workdir),
+        "--configfile",
+        str(workdir / configfile),
+        "--cores",
+        "2",
+        *args,
+    ]
     # not a SLURM run: skip the SLURM plugin's import-time `scontrol` probe (~9 s where no controller answers)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=bdag.without_slurm_probe(os.environ))
     if check and proc.returncode != 0:

@@ -2,7 +2,8 @@
 
     python tests/rule_audit.py <configfile> <workdir>
 
-Also lists the heavy modules (torch, ...) that parsing the workflow imported. For each rule: whether it has log / benchmark / conda / explicitly set threads, its resource names (with no
+Also lists the heavy modules (torch, ...) that parsing the workflow imported. For each rule: whether it has
+log / benchmark / conda / explicitly set threads, its resource names (with no
 default resources applied, so only what the rule itself declares), its conda env path and whether it runs
 anything at all (`norun`: rules like `all` that only collect inputs).
 """
@@ -13,8 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from snakemake.api import SnakemakeApi  # before snakemake.workflow (circular import otherwise)
 import snakemake.workflow as smw
+from snakemake.api import SnakemakeApi  # before snakemake.workflow (circular import otherwise)
 from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,16 +57,18 @@ def main(configfile: str, workdir: str) -> None:
             conda_path = None
             if conda is not None:
                 conda_path = str((Path(r.snakefile).parent / str(conda)).resolve()) if not str(conda).startswith("/") else str(conda)
-            rules.append({
-                "name": r.name,
-                "snakefile": str(r.snakefile),
-                "norun": bool(r.norun),
-                "log": bool(r.log),
-                "benchmark": r.benchmark is not None,
-                "conda": conda_path,
-                "threads_set": THREADS_SET.get(r.name, False),
-                "resources": sorted(k for k in r.resources.keys() if not k.startswith("_") and k != "tmpdir"),
-            })
+            rules.append(
+                {
+                    "name": r.name,
+                    "snakefile": str(r.snakefile),
+                    "norun": bool(r.norun),
+                    "log": bool(r.log),
+                    "benchmark": r.benchmark is not None,
+                    "conda": conda_path,
+                    "threads_set": THREADS_SET.get(r.name, False),
+                    "resources": sorted(k for k in r.resources.keys() if not k.startswith("_") and k != "tmpdir"),
+                }
+            )
     heavy = sorted(m for m in HEAVY if m in sys.modules)
     print(json.dumps({"rules": rules, "heavy_modules": heavy}))
 

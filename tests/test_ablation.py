@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from neuronatlas.core import ablation as A
+from neuronatlas.core import extract, models, store
+from neuronatlas.core.errors import NeuronAtlasError
+
 import helpers
-from neuronatlas import ablation as A
-from neuronatlas import extract, models, store
-from neuronatlas.errors import NeuronAtlasError
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +75,16 @@ def test_loss_only_at_target_positions_matches_naive_loop(lms, name, site):
     exs = examples(lm)
     vals = values_for(lm, site)
     conds = [np.zeros((0, 2)), *conditions(lm.manifest["sites"][site], 3, 9)]
-    sc = A.evaluate(lm.model, lm.family, site, A.token_batches(lm.manifest, exs, batch_tokens=64), conds, vals,
-                    A.objective_for(lm.manifest["kind"]), budget=200)
+    sc = A.evaluate(
+        lm.model,
+        lm.family,
+        site,
+        A.token_batches(lm.manifest, exs, batch_tokens=64),
+        conds,
+        vals,
+        A.objective_for(lm.manifest["kind"]),
+        budget=200,
+    )
     for c, cond in enumerate(conds):
         loss, acc, n = naive_loss(lm, site, exs, cond, vals)
         assert sc.count[c] == n
@@ -109,10 +118,19 @@ def test_ablating_nothing_reproduces_the_base_loss_exactly(lms):
 @pytest.fixture(scope="module")
 def stats_path(lms, tmp_path_factory):
     lm = lms["bert"]
-    frame = pd.DataFrame({"doc_id": range(6), "key": [str(i) for i in range(6)], "text": helpers.fixture_texts()[:6],
-                          "label": None, "n_words": 0})
-    st = extract.extract(lm, frame, ["mlp", "residual"], max_length=16, batch_tokens=64, top_k=2, progress=False,
-                         attrs={"model": "bert", "dataset": "fix", "shard": 0})
+    frame = pd.DataFrame(
+        {"doc_id": range(6), "key": [str(i) for i in range(6)], "text": helpers.fixture_texts()[:6], "label": None, "n_words": 0}
+    )
+    st = extract.extract(
+        lm,
+        frame,
+        ["mlp", "residual"],
+        max_length=16,
+        batch_tokens=64,
+        top_k=2,
+        progress=False,
+        attrs={"model": "bert", "dataset": "fix", "shard": 0},
+    )
     out = {}
     for site in ("mlp", "residual"):
         out[site] = tmp_path_factory.mktemp("abl") / f"{site}.h5"
@@ -185,11 +203,19 @@ def test_next_token_batches_all_positions_and_trimming(lms):
 def test_image_classification_objective_matches_naive():
     from transformers import ViTConfig, ViTForImageClassification
 
-    from neuronatlas.adapters import FAMILIES
+    from neuronatlas.core.adapters import FAMILIES
 
     torch.manual_seed(0)
-    cfg = ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=8,
-                    patch_size=4, num_channels=1, num_labels=3)
+    cfg = ViTConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        num_labels=3,
+    )
     model = ViTForImageClassification(cfg).eval()
     px = torch.randn(5, 1, 8, 8)
     y = np.array([0, 1, 2, 1, 0])

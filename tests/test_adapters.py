@@ -4,21 +4,49 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
 
-from neuronatlas import adapters
-from neuronatlas.errors import NeuronAtlasError
+from neuronatlas.core import adapters
+from neuronatlas.core.errors import NeuronAtlasError
 
 D, FF, LAYERS = 16, 48, 2
 CONFIGS = {
     "bert": dict(model_type="bert", hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS, num_attention_heads=2, vocab_size=50),
     "gpt2": dict(model_type="gpt2", n_embd=D, n_inner=FF, n_layer=LAYERS, n_head=2, vocab_size=50, n_positions=32),
-    "llama": dict(model_type="llama", hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS, num_attention_heads=2, num_key_value_heads=1, vocab_size=50),
-    "mistral": dict(model_type="mistral", hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS, num_attention_heads=2, num_key_value_heads=1, vocab_size=50),
-    "gemma3": dict(model_type="gemma3_text", hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS, num_attention_heads=2, num_key_value_heads=1, head_dim=8, vocab_size=50),
-    "vit": dict(model_type="vit", hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS, num_attention_heads=2, image_size=16, patch_size=4),
-    "dinov2": dict(model_type="dinov2", hidden_size=D, mlp_ratio=FF // D, num_hidden_layers=LAYERS, num_attention_heads=2, image_size=16, patch_size=4),
+    "llama": dict(
+        model_type="llama",
+        hidden_size=D,
+        intermediate_size=FF,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=50,
+    ),
+    "mistral": dict(
+        model_type="mistral",
+        hidden_size=D,
+        intermediate_size=FF,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=50,
+    ),
+    "gemma3": dict(
+        model_type="gemma3_text",
+        hidden_size=D,
+        intermediate_size=FF,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        vocab_size=50,
+    ),
+    "vit": dict(
+        model_type="vit", hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS, num_attention_heads=2, image_size=16, patch_size=4
+    ),
+    "dinov2": dict(
+        model_type="dinov2", hidden_size=D, mlp_ratio=FF // D, num_hidden_layers=LAYERS, num_attention_heads=2, image_size=16, patch_size=4
+    ),
 }
 
 
@@ -67,7 +95,12 @@ def test_sites_have_the_right_shapes_and_mlp_values(name):
     # mlp site == act(W_in . pre-MLP-norm output) (gated: act(gate) * up), recomputed by hand
     blocks = adapters.blocks(model, fam)
     pre: dict[int, torch.Tensor] = {}
-    hs = [adapters.get_module(b, fam.pre_mlp_norm).register_forward_hook(lambda m, a, o, i=i: pre.__setitem__(i, (o[0] if isinstance(o, tuple) else o).clone())) for i, b in enumerate(blocks)]
+    hs = [
+        adapters.get_module(b, fam.pre_mlp_norm).register_forward_hook(
+            lambda m, a, o, i=i: pre.__setitem__(i, (o[0] if isinstance(o, tuple) else o).clone())
+        )
+        for i, b in enumerate(blocks)
+    ]
     mlp, _ = record(model, fam, "mlp")
     for h in hs:
         h.remove()
@@ -95,7 +128,7 @@ def test_ablation_sets_values_and_identity_is_exact(name, site):
     L, W = adapters.site_shape(model, fam, site)
     with torch.no_grad():
         _, base = record(model, fam, site)
-        ident = {l: adapters.Ablation(torch.ones(W), torch.zeros(W)) for l in range(L)}
+        ident = {layer: adapters.Ablation(torch.ones(W), torch.zeros(W)) for layer in range(L)}
         _, same = record(model, fam, site, ablate=ident)
         assert torch.equal(base.last_hidden_state, same.last_hidden_state)
         mask, offset = torch.ones(W), torch.zeros(W)

@@ -8,8 +8,8 @@ import pytest
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist, squareform
 
-from neuronatlas import clustering as cl
-from neuronatlas.errors import NeuronAtlasError
+from neuronatlas.clusters import clustering as cl
+from neuronatlas.core.errors import NeuronAtlasError
 
 
 def blobs(n=240, t=40, groups=6, noise=0.6, seed=0):
@@ -154,7 +154,9 @@ def test_index_shared_naive_and_index_clustering_detects_it():
     # clusters = index position (perfect index clustering): every neuron shares its index
     labels = index % 10
     shared = cl.index_shared(labels, index)
-    naive = np.array([any(labels[j] == labels[i] and index[j] == index[i] and layer[j] != layer[i] for j in range(L * W)) for i in range(L * W)])
+    naive = np.array(
+        [any(labels[j] == labels[i] and index[j] == index[i] and layer[j] != layer[i] for j in range(L * W)) for i in range(L * W)]
+    )
     assert np.array_equal(shared, naive) and shared.all()
     st = cl.index_clustering(labels, index, L * W, index, n_random=20, seed=0)
     assert st["share"] == 1.0 and st["random_share_mean"] < 0.5 and st["ratio"] > 2 and st["p_value"] == pytest.approx(1 / 21)

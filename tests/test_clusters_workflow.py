@@ -15,11 +15,12 @@ import yaml
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist
 
+from neuronatlas.clusters import clustering as cl
+from neuronatlas.clusters import dag as clusters_dag
+from neuronatlas.clusters import representations as rp
+from neuronatlas.core.io import read_json
+
 import helpers
-from neuronatlas import cluster_jobs as clj
-from neuronatlas import clustering as cl
-from neuronatlas import representations as rp
-from neuronatlas.io import read_json
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def run(tiny_dag):
 def test_outputs_follow_the_stage_contracts(run):
     work, cfg = run
     R = Path(cfg["results_dir"])
-    grid = clj.grid(cfg)
+    grid = clusters_dag.grid(cfg)
     assert grid == [("tbert", "fix", "mlp")]
     top_n = cfg["explanations"]["top_n"]
     for m, d, s in grid:
@@ -69,7 +70,7 @@ def test_dag_clusters_equal_a_direct_scipy_clustering(run):
     work, cfg = run
     base = Path(cfg["results_dir"]) / "tbert" / "fix" / "mlp"
     for v in cfg["representations"]["variants"]:
-        rep = rp.read(base / "representations" / f"{v}.h5")
+        rep = rp.read(base / "representations" / f"{v}.h5", base / "activations" / "stats.h5")
         Z = linkage(pdist(rep.values.astype(np.float64), "cosine"), "complete")
         for k in cfg["clustering"]["k"]:
             labels = cl.read_parquet(base / "clusters" / v / f"k{k}.parquet")["cluster"]
@@ -114,27 +115,27 @@ UPSTREAM = {"shard_corpus", "prepare_model", "merge_activations", "summarize_act
 
 def cluster_jobs(jobs):
     """The jobs of this method's rules; other stages' jobs that consume its outputs may follow, but never upstream ones."""
-    assert not [r for r, _ in jobs if r in UPSTREAM or r.startswith("extract_activations")], jobs
-    return [(r, w) for r, w in jobs if r.startswith("cluster_")]
+    assert not [r for r, _ in jobs if r in UPSTREAM or r == "extract_activations"], jobs
+    return [(r, w) for r, w in jobs if r.startswith("clusters_")]
 
 
 def test_config_edits_rerun_only_the_affected_cluster_jobs(run):
     work, cfg = run
     raw_cfg = yaml.safe_load((work / "tiny.yaml").read_text())
-    # a new K: only that K's cut and refine jobs, plus the method-wide tables
+    # a new K: the cut job of each variant (it cuts every K of its tree) and what reads its clusterings (the
+    # figures, the method-wide tables); never a representation, a tree or the sweep
     c = copy.deepcopy(raw_cfg)
     c["clustering"]["k"] = [2, 4, 3]
     jobs = cluster_jobs(planned_jobs(work, c, "edit-k.yaml"))
-    assert sorted(r for r, _ in jobs) == sorted(["cluster_cut"] * 2 + ["cluster_refine"] * 2 + ["cluster_tables"]), jobs
-    assert all("k=3" in w for r, w in jobs if r != "cluster_tables")
+    assert sorted(r for r, _ in jobs) == sorted(["clusters_cut"] * 2 + ["clusters_figures", "clusters_tables"]), jobs
     # one dataset's frequency threshold: filter and what derives from it, never raw
     c = copy.deepcopy(raw_cfg)
     c["representations"]["min_count"]["fix"] = 3
     jobs = cluster_jobs(planned_jobs(work, c, "edit-min-count.yaml"))
     assert not any("variant=raw" in w for _, w in jobs)
-    assert ("cluster_representation", "model=tbert, dataset=fix, site=mlp, variant=filter") in jobs
-    # the refinement threshold: refine jobs (and their consumers) only, never a cut or a tree
+    assert ("clusters_representation", "model=tbert, dataset=fix, site=mlp, variant=filter") in jobs
+    # the refinement threshold: the cut jobs (which refine) and their consumers, never a tree or a representation
     c = copy.deepcopy(raw_cfg)
     c["clustering"]["refine_threshold"] = 0.5
     rules = {r for r, _ in cluster_jobs(planned_jobs(work, c, "edit-threshold.yaml"))}
-    assert "cluster_refine" in rules and not rules & {"cluster_cut", "cluster_tree", "cluster_representation"}
+    assert "clusters_cut" in rules and not rules & {"clusters_tree", "clusters_representation", "clusters_sweep"}

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-import helpers
-from neuronatlas import config as nacfg
 from neuronatlas.bench import dag as bdag
-from neuronatlas.errors import ConfigError
+from neuronatlas.core import config as nacfg
+from neuronatlas.core.errors import ConfigError
+
+import helpers
 
 REPO = helpers.REPO
 
@@ -126,7 +127,10 @@ def test_snakemake_rejects_bad_config_before_any_job(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
     proc = subprocess.run(
         [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--configfile", "bad.yaml", "-n"],
-        capture_output=True, text=True, cwd=tmp_path, env=bdag.without_slurm_probe(os.environ),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=bdag.without_slurm_probe(os.environ),
     )
     assert proc.returncode != 0
     assert "datasets.fix.shards" in proc.stdout + proc.stderr
@@ -138,5 +142,5 @@ def test_config_readme_documents_every_key():
     text = (REPO / "config" / "README.md").read_text()
     begin, end = text.index(nacfg.DOC_BEGIN), text.index(nacfg.DOC_END) + len(nacfg.DOC_END)
     assert text[begin:end] == nacfg.schema_markdown(), (
-        "config/README.md is out of date: run `python -m neuronatlas.config --markdown` and paste the table"
+        "config/README.md is out of date: run `python -m neuronatlas.core.config --markdown` and paste the table"
     )

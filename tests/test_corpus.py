@@ -7,15 +7,18 @@ import json
 import pandas as pd
 import pytest
 
+from neuronatlas.core import config as nacfg
+from neuronatlas.core import corpus
+from neuronatlas.core.errors import ConfigError, EmptyCorpusError
+
 import helpers
-from neuronatlas import corpus
-from neuronatlas import config as nacfg
-from neuronatlas.errors import ConfigError, EmptyCorpusError
 
 
 def spec(**kw) -> dict:
-    cfg = {"datasets": {"d": {"source": "files", "glob": str(helpers.CORPUS / "*.jsonl"), **kw}},
-           "models": {"m": {"source": "hub", "id": "x", "sites": ["mlp"], "datasets": ["d"]}}}
+    cfg = {
+        "datasets": {"d": {"source": "files", "glob": str(helpers.CORPUS / "*.jsonl"), **kw}},
+        "models": {"m": {"source": "hub", "id": "x", "sites": ["mlp"], "datasets": ["d"]}},
+    }
     return nacfg.validate(cfg)["datasets"]["d"]
 
 

@@ -8,10 +8,12 @@ import csv
 import numpy as np
 import pytest
 
-from neuronatlas import cluster_jobs as cj
-from neuronatlas import clustering as cl
-from neuronatlas import explain as ex
-from neuronatlas import representations as rp
+from neuronatlas.clusters import clustering as cl
+from neuronatlas.clusters import explanations as ex
+from neuronatlas.clusters import jobs as cj
+from neuronatlas.clusters import representations as rp
+from neuronatlas.core import tables
+
 from test_representations import bert_manifest, make_store
 
 
@@ -19,8 +21,9 @@ def toy_rep(n=12, t=9, seed=0) -> rp.Representation:
     rng = np.random.default_rng(seed)
     vals = rng.standard_normal((n, t)).astype(np.float32)
     vals[:, 4] = vals[:, 2]  # a tie: token 2 and token 4 score equally in every cluster
-    return rp.Representation(vals, np.arange(50, 50 + t), np.arange(1, t + 1), [f"tok{i}" for i in range(t)],
-                             [f"text{i}" for i in range(t)], 3, n // 3, {})
+    return rp.Representation(
+        vals, np.arange(50, 50 + t), np.arange(1, t + 1), [f"tok{i}" for i in range(t)], [f"text{i}" for i in range(t)], 3, n // 3, {}
+    )
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -51,7 +54,7 @@ def test_subset_of_neurons_and_csv_roundtrip(tmp_path):
     rows = ex.top_tokens(rep, ids, labels, 3, top_n=3)
     assert {r["cluster"] for r in rows} == {0, 1}  # cluster 2 has no member here: no rows
     assert rows[0]["cluster_size"] == 2
-    ex.write_csv(tmp_path / "e.csv", rows)
+    tables.write_csv(tmp_path / "e.csv", rows, ex.COLUMNS)
     with open(tmp_path / "e.csv") as fh:
         header = next(csv.reader(fh))
     assert header[:5] == ["cluster", "rank", "token_id", "token", "score"]
@@ -78,13 +81,20 @@ def chain(tmp_path, tokenizers, tag: str):
 
     man.write_text(json.dumps(bert_manifest(tokenizers)))
     d = tmp_path / tag
-    cj.representation_job("raw", {"stats": str(path), "manifest": str(man)}, d / "raw.h5", {"variant": "raw"})
-    cj.representation_job("filter", {"source": str(d / "raw.h5")}, d / "filter.h5", {"variant": "filter", "min_count": 3})
-    cj.tree_job(d / "filter.h5", d / "tree.npz", {"method": "exact", "linkage": "complete"})
+    cj.clusters_representation("raw", {"stats": str(path), "manifest": str(man)}, d / "raw.h5", {"variant": "raw"})
+    cj.clusters_representation("filter", {"source": str(d / "raw.h5")}, d / "filter.h5", {"variant": "filter", "min_count": 3})
+    cj.clusters_tree(d / "filter.h5", path, d / "tree.npz", {"method": "exact", "linkage": "complete"})
     ep = {"top_n": 50, "markdown_tokens": 10, "normalize": True}
-    cj.cut_job(d / "tree.npz", d / "filter.h5", 4, d / "k4.parquet", d / "k4.csv", d / "k4.md", ep)
-    cj.refine_job(d / "filter.h5", d / "k4.parquet", d / "k4-refined.parquet", d / "trace.parquet", d / "k4-refined.csv",
-                  d / "k4-refined.md", {"threshold": 0.9, "explain": ep})
+    outputs = {
+        "clusters_k4": d / "k4.parquet",
+        "explanations_k4": d / "k4.csv",
+        "markdown_k4": d / "k4.md",
+        "refined_k4": d / "k4-refined.parquet",
+        "trace_k4": d / "trace.parquet",
+        "explanations_refined_k4": d / "k4-refined.csv",
+        "markdown_refined_k4": d / "k4-refined.md",
+    }
+    cj.clusters_cut(d / "tree.npz", d / "filter.h5", path, outputs, {"ks": [4], "threshold": 0.9, "explain": ep})
     return d, ids, counts
 
 
@@ -110,11 +120,11 @@ def test_filtered_and_special_tokens_never_appear_and_output_is_deterministic(tm
 def test_figures_and_embedding_groups(tmp_path, tokenizers):
     d, _, _ = chain(tmp_path, tokenizers, "f")
     rows = ex.read_csv(d / "k4.csv")
-    from neuronatlas import vectors
+    from neuronatlas.clusters import vectors
 
     g = cj.embedding_groups(rows, vectors.load("glove-6b-50d"), n_tokens=30, n_clusters=2, min_vectors=2)
     assert 1 <= len(g) <= 2 and all(v.shape[1] == 50 for _, v in g.values())
-    from neuronatlas.plots import clusters as pc
+    from neuronatlas.clusters import figures as pc
 
     trace = cl.read_parquet(d / "trace.parquet")
     assert len(pc.refinement_curves(trace, tmp_path / "f1.png", 0.9, n_clusters=3)) <= 3

@@ -9,13 +9,15 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel
 
-from neuronatlas import adapters, feature_clusters as fc, models, n2g
-from neuronatlas.models import LoadedModel
+from neuronatlas.core import adapters, models
+from neuronatlas.core.models import LoadedModel
+from neuronatlas.n2g import build
+from neuronatlas.n2g import feature_clusters as fc
 
 
 def _record_mlp(lm, ids, layer):
     got = {}
-    with torch.inference_mode(), adapters.hooked(lm.model, lm.family, "mlp", record=lambda l, x: got.__setitem__(l, x[0].clone())):
+    with torch.inference_mode(), adapters.hooked(lm.model, lm.family, "mlp", record=lambda layer, x: got.__setitem__(layer, x[0].clone())):
         lm.model(input_ids=torch.tensor([list(ids)]))
     return got[layer].double().numpy()
 
@@ -24,7 +26,7 @@ def test_neuron_embedding_sums_to_the_pre_activation_gpt2(tiny_models):
     lm = models.load(tiny_models["gpt2"], "cpu", "float32")
     ids = np.array([5, 17, 230, 41, 8, 99, 3])
     for layer in (0, 1):
-        probe = n2g.LayerProbe(lm, layer)
+        probe = build.LayerProbe(lm, layer)
         acts, pre = probe.run([ids, ids[:4]], np.arange(96), pre_mlp_at=[6, 3])
         W = fc.input_rows(lm, layer)
         block = lm.base.h[layer]
@@ -38,22 +40,45 @@ def test_neuron_embedding_sums_to_the_pre_activation_gpt2(tiny_models):
             np.testing.assert_allclose(acts[seq][pos], _record_mlp(lm, ids[: pos + 1], layer)[pos], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name, cfg", [
-    ("llama", dict(model_type="llama", hidden_size=16, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
-                   num_key_value_heads=1, vocab_size=60)),
-    ("gemma3", dict(model_type="gemma3_text", hidden_size=16, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
-                    num_key_value_heads=1, head_dim=8, vocab_size=60)),
-])
+@pytest.mark.parametrize(
+    "name, cfg",
+    [
+        (
+            "llama",
+            dict(
+                model_type="llama",
+                hidden_size=16,
+                intermediate_size=40,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                vocab_size=60,
+            ),
+        ),
+        (
+            "gemma3",
+            dict(
+                model_type="gemma3_text",
+                hidden_size=16,
+                intermediate_size=40,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                head_dim=8,
+                vocab_size=60,
+            ),
+        ),
+    ],
+)
 def test_gated_neuron_embedding_uses_the_gate_row(name, cfg):
     cfg = dict(cfg)
     torch.manual_seed(0)
     model = AutoModel.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).eval()
     fam = adapters.family_for(model.config.model_type)
-    lm = LoadedModel(model, None, fam, {"model": name, "prefix_ids": [], "suffix_ids": [], "pad_id": 0},
-                     torch.device("cpu"), torch.float32)
+    lm = LoadedModel(model, None, fam, {"model": name, "prefix_ids": [], "suffix_ids": [], "pad_id": 0}, torch.device("cpu"), torch.float32)
     ids = np.array([3, 14, 15, 9, 26, 5])
     layer = 1
-    acts, pre = n2g.LayerProbe(lm, layer).run([ids], np.arange(40), pre_mlp_at=[5])
+    acts, pre = build.LayerProbe(lm, layer).run([ids], np.arange(40), pre_mlp_at=[5])
     x = pre[0]
     gate, up = fc.input_rows(lm, layer, "gate"), fc.input_rows(lm, layer, "up")
     mlp = model.layers[layer].mlp
@@ -95,7 +120,14 @@ def test_hierarchical_clustering_separates_directions():
 
 def test_summary_table_excludes_undefined_distances():
     rows = [
-        {"pre_mlp_intra": 0.2, "pre_mlp_inter": math.nan, "pre_mlp_clusters": 1, "neuron_intra": 0.1, "neuron_inter": 0.8, "neuron_clusters": 2},
+        {
+            "pre_mlp_intra": 0.2,
+            "pre_mlp_inter": math.nan,
+            "pre_mlp_clusters": 1,
+            "neuron_intra": 0.1,
+            "neuron_inter": 0.8,
+            "neuron_clusters": 2,
+        },
         {"pre_mlp_intra": 0.4, "pre_mlp_inter": 0.6, "pre_mlp_clusters": 2, "neuron_intra": 0.3, "neuron_inter": 0.7, "neuron_clusters": 3},
     ]
     tab = {r["embedding"]: r for r in fc.summary_table(rows)}
@@ -103,5 +135,7 @@ def test_summary_table_excludes_undefined_distances():
     assert tab["pre_mlp"]["inter_n"] == 1 and tab["neuron"]["inter_n"] == 2
     assert tab["neuron"]["clusters_mean"] == pytest.approx(2.5)
     assert "0.60 (n=1)" in fc.summary_markdown(fc.summary_table(rows), "t")
-    assert fc.pick_figure_neuron([{"layer": 0, "neuron": 3, "examples": 5, "neuron_clusters": 2},
-                                  {"layer": 1, "neuron": 1, "examples": 5, "neuron_clusters": 4}], None) == (1, 1)
+    assert fc.pick_figure_neuron(
+        [{"layer": 0, "neuron": 3, "examples": 5, "neuron_clusters": 2}, {"layer": 1, "neuron": 1, "examples": 5, "neuron_clusters": 4}],
+        None,
+    ) == (1, 1)

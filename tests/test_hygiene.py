@@ -11,22 +11,23 @@ import re
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import yaml
 
-import helpers
-from neuronatlas import config as nacfg
 from neuronatlas.bench import dag as bdag
+from neuronatlas.core import config as nacfg
+
+import helpers
 
 REPO = helpers.REPO
 CONFIGS = {"demo": REPO / "config" / "demo.yaml", "full": REPO / "config" / "config.yaml"}
 ENVS = {"cpu": REPO / "envs" / "cpu.yaml", "cuda": REPO / "envs" / "cuda.yaml"}
 # pinned in requirements.txt but not needed by any rule: the workflow engine and plugin run outside the
-# job environments, pytest and the MoEfication reference (k-means-constrained) only in tests/benchmarks
-NOT_IN_JOB_ENVS = {"snakemake", "snakemake-executor-plugin-slurm", "pytest", "k-means-constrained"}
+# job environments, pytest and the MoEfication reference (k-means-constrained) only in tests/benchmarks, the
+# linters only in `make lint`
+NOT_IN_JOB_ENVS = {"snakemake", "snakemake-executor-plugin-slurm", "pytest", "k-means-constrained", "ruff", "snakefmt", "black"}
 
 
 def _pins(path: Path) -> dict[str, str]:
@@ -50,9 +51,12 @@ def test_snakemake_lint_is_clean(tmp_path):
     problems = []
     for name, cfg in CONFIGS.items():
         proc = subprocess.run(
-            [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--configfile", str(cfg),
-             "--lint"],
-            capture_output=True, text=True, cwd=tmp_path, env=bdag.without_slurm_probe({**os.environ, **bdag.OFFLINE_ENV}), timeout=300,
+            [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--configfile", str(cfg), "--lint"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=bdag.without_slurm_probe({**os.environ, **bdag.OFFLINE_ENV}),
+            timeout=300,
         )
         text = proc.stdout + proc.stderr
         if proc.returncode != 0 or "Lints for" in text:
@@ -72,8 +76,14 @@ def rule_audit(tmp_path_factory, tokenizers):
     rules: dict[str, dict] = {}
     heavy: dict[str, list[str]] = {}
     for name, cfg in {**CONFIGS, "tiny": tiny}.items():
-        proc = subprocess.run([sys.executable, str(REPO / "tests" / "rule_audit.py"), str(cfg), str(tmp)],
-                              capture_output=True, text=True, cwd=tmp, env=bdag.without_slurm_probe({**os.environ, **bdag.OFFLINE_ENV}), timeout=300)
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "tests" / "rule_audit.py"), str(cfg), str(tmp)],
+            capture_output=True,
+            text=True,
+            cwd=tmp,
+            env=bdag.without_slurm_probe({**os.environ, **bdag.OFFLINE_ENV}),
+            timeout=300,
+        )
         assert proc.returncode == 0, f"loading the workflow with the {name} config failed:\n{proc.stderr[-4000:]}"
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         for r in out["rules"]:
@@ -87,11 +97,18 @@ def test_every_rule_declares_log_benchmark_threads_resources_and_conda(rule_audi
     for name, r in sorted(rule_audit[0].items()):
         if r["norun"]:  # `all` and other pure collectors run nothing
             continue
-        lacks = [what for what, ok in (
-            ("log:", r["log"]), ("benchmark:", r["benchmark"]), ("threads:", r["threads_set"]),
-            ("resources: mem_mb", "mem_mb" in r["resources"]), ("resources: runtime", "runtime" in r["resources"]),
-            ("conda:", r["conda"] is not None),
-        ) if not ok]
+        lacks = [
+            what
+            for what, ok in (
+                ("log:", r["log"]),
+                ("benchmark:", r["benchmark"]),
+                ("threads:", r["threads_set"]),
+                ("resources: mem_mb", "mem_mb" in r["resources"]),
+                ("resources: runtime", "runtime" in r["resources"]),
+                ("conda:", r["conda"] is not None),
+            )
+            if not ok
+        ]
         if r["conda"] is not None and Path(r["conda"]) not in ENVS.values():
             lacks.append(f"conda env {r['conda']} (must be envs/cpu.yaml or envs/cuda.yaml)")
         if r["conda"] == str(ENVS["cuda"]) and "gpu" not in r["resources"]:
@@ -120,7 +137,7 @@ def test_gpu_rules_request_no_gpu_on_cpu(tmp_path, tokenizers):
         run = bdag.dry_run(tmp_path, path, "--forceall")
         gpu_jobs = {j.rule for j in run.jobs if int(j.res.get("gpu", "0") or 0) > 0}
         if expect:
-            assert any(r.startswith("extract_activations_") for r in gpu_jobs), gpu_jobs
+            assert "extract_activations" in gpu_jobs, gpu_jobs
         else:
             assert not gpu_jobs, f"device cpu, yet these rules request a GPU: {sorted(gpu_jobs)}"
 
@@ -195,55 +212,52 @@ def test_conda_envs_pin_exactly_the_requirements():
 def expected_job_counts(cfg: dict) -> dict[str, int]:
     """Jobs per rule of a complete dry run of `cfg`, computed from the config alone.
 
-    One row per rule (or per-model rule family); each stage adds its rows here when it lands.
+    One row per rule; each method adds its rows here.
     """
+    from neuronatlas.clusters import dag as clusters_dag
+    from neuronatlas.intervention import dag as intervention_dag
+    from neuronatlas.modularity import dag as modularity_dag
+    from neuronatlas.n2g import dag as n2g_dag
+
     grid = nacfg.grid(cfg)
     used = {d for m in cfg["models"].values() for d in m["datasets"]}
     counts = {
         "shard_corpus": len(used),
         "prepare_model": len(cfg["models"]),
+        "extract_activations": sum(len(nacfg.stats_shards(cfg["datasets"][d])) for m in cfg["models"].values() for d in m["datasets"]),
         "merge_activations": len(grid),
         "summarize_activations": 1,
         "all": 1,
     }
-    for m, spec in cfg["models"].items():
-        counts[f"extract_activations_{m}"] = sum(len(nacfg.stats_shards(cfg["datasets"][d])) for d in spec["datasets"])
-    # stage n2g (issue E): one n2g_layer job per (model, dataset, layer); one n2g_table and one feature_clusters
-    # job per (model, dataset)
-    from neuronatlas import n2g_jobs
-
-    n2g_runs, fc_runs = n2g_jobs.runs(cfg["n2g"]), n2g_jobs.runs(cfg["feature_clusters"])
+    if modularity_dag.trained_models(cfg):
+        counts["modularity_train"] = len(modularity_dag.trained_models(cfg))
+    # n2g: one n2g_layer job per (model, dataset, layer); one n2g_table and one n2g_feature_clusters job per
+    # (model, dataset)
+    n2g_runs, fc_runs = n2g_dag.runs(cfg["n2g"]), n2g_dag.runs(cfg["feature_clusters"])
     if n2g_runs:
-        counts["n2g_layer"] = sum(len(n2g_jobs.resolve_layers(cfg, "n2g", m)) for m, _ in n2g_runs)
+        counts["n2g_layer"] = sum(len(n2g_dag.resolve_layers(cfg, "n2g", m)) for m, _ in n2g_runs)
         counts["n2g_table"] = len(n2g_runs)
     if fc_runs:
-        counts["feature_clusters"] = len(fc_runs)
-    # stage ablation (issue C): one fit_mlm_head per mlm_head.models entry, one ablate_clusters per ablated
-    # (model, dataset, site), one ablation_table
-    from neuronatlas import ablation_jobs
-
+        counts["n2g_feature_clusters"] = len(fc_runs)
+    # intervention: one fit_mlm_head per mlm_head.models entry, one intervention_ablate per ablated (model,
+    # dataset, site), one intervention_table
     if cfg["mlm_head"]["models"]:
         counts["fit_mlm_head"] = len(cfg["mlm_head"]["models"])
-    if ablation_jobs.enabled(cfg):
-        counts["ablate_clusters"] = len(ablation_jobs.grid(cfg))
-        counts["ablation_table"] = 1
-    # stages representations + clustering (issue B): per (model, dataset, site, variant) one representation and
-    # one tree, per K one cut and one refine; per (model, dataset, site) one distance sweep (and one bootstrap)
-    from neuronatlas import cluster_jobs
-
-    if cluster_jobs.enabled(cfg):
-        cl_grid, variants = cluster_jobs.grid(cfg), cfg["representations"]["variants"]
-        counts["cluster_representation"] = counts["cluster_tree"] = len(cl_grid) * len(variants)
-        counts["cluster_cut"] = counts["cluster_refine"] = len(cl_grid) * len(variants) * len(cfg["clustering"]["k"])
-        counts["cluster_sweep"] = len(cl_grid)
+    if intervention_dag.enabled(cfg):
+        counts["intervention_ablate"] = len(intervention_dag.grid(cfg))
+        counts["intervention_table"] = 1
+    # clusters: per (model, dataset, site, variant) one representation, one tree and one cut job (every K);
+    # per (model, dataset, site) one distance sweep, one figures job (and one bootstrap); one tables job
+    if clusters_dag.enabled(cfg):
+        cluster_grid, variants = clusters_dag.grid(cfg), cfg["representations"]["variants"]
+        counts["clusters_representation"] = counts["clusters_tree"] = counts["clusters_cut"] = len(cluster_grid) * len(variants)
+        counts["clusters_sweep"] = counts["clusters_figures"] = len(cluster_grid)
         if cfg["clustering"]["bootstrap"]["replicates"] > 0:
-            counts["cluster_bootstrap"] = len(cl_grid)
-        if "smooth" in variants and cluster_jobs.vectors_source(cfg) != "glove-6b-50d":
-            counts["fetch_word_vectors"] = 1
-        # stage explanations: one figure job per (model, dataset, site), one tables job
-        counts["cluster_figures"] = len(cl_grid)
-        counts["cluster_tables"] = 1
-    # stage modularity (issue G): scores per (model, experiment) for the trained model and its twin; a
+            counts["clusters_bootstrap"] = len(cluster_grid)
+        if "smooth" in variants and clusters_dag.vectors_source(cfg) != "glove-6b-50d":
+            counts["clusters_fetch_vectors"] = 1
+        counts["clusters_tables"] = 1
+    # modularity: scores per (model, experiment) for the trained model and its twin; a
     # pruning search per (experiment, drop); an overlap per experiment; with MoE on, one MoE clustering per
     # model and one Lorenz job per experiment
     exps = cfg["modularity"]["experiments"]
@@ -255,7 +269,7 @@ def expected_job_counts(cfg: dict) -> dict[str, int]:
         if moe_models:
             counts["modularity_moe"] = len(moe_models)
             counts["modularity_lorenz"] = sum(bool(e["moe"]) for e in exps.values())
-    # stage textualization (issue F): per model one word scan and one tables job; the single-neuron experiment
+    # textualization: per model one word scan and one tables job; the single-neuron experiment
     # one job; the group experiment one target-word job and one job per k
     tx = cfg["textualization"]
     tx_models = list(tx["models"]) if tx["single"]["enabled"] or tx["groups"]["enabled"] else []
@@ -278,11 +292,16 @@ def full_grid(tmp_path_factory):
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     cmd = bdag.snakemake_cmd(tmp, path, "-n")
-    isolated = os.geteuid() == 0 and shutil.which("unshare") is not None and \
-        subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+    isolated = (
+        os.geteuid() == 0
+        and shutil.which("unshare") is not None
+        and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+    )
     if isolated:
         cmd = ["unshare", "-n", *cmd]  # no network at all: a hub access would fail the dry run
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=bdag.without_slurm_probe({**os.environ, **bdag.OFFLINE_ENV}), timeout=600)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=tmp, env=bdag.without_slurm_probe({**os.environ, **bdag.OFFLINE_ENV}), timeout=600
+    )
     text = proc.stdout + "\n" + proc.stderr
     external = bdag.external_inputs(text)
     assert not external, (
@@ -300,8 +319,7 @@ def test_full_grid_dry_run_lists_the_whole_grid_offline(full_grid):
     wrong = {rule: (stats.get(rule, 0), n) for rule, n in expected.items() if stats.get(rule, 0) != n}
     assert not wrong, f"jobs per rule (dry run, expected from the config): {wrong}"
     unknown = sorted(set(stats) - set(expected) - {"total"})
-    if unknown:  # a stage that has not added its rows to expected_job_counts yet
-        warnings.warn(f"full-grid job counts not checked for rules {unknown}: add them to expected_job_counts()")
+    assert not unknown, f"full-grid job counts not checked for rules {unknown}: add them to expected_job_counts()"
 
 
 def test_full_grid_jobs_have_resources_and_model_jobs_request_a_gpu(full_grid):
@@ -309,26 +327,33 @@ def test_full_grid_jobs_have_resources_and_model_jobs_request_a_gpu(full_grid):
     bad = _check_job_resources(jobs)
     assert not bad, "\n".join(bad[:50])
     assert cfg["device"] == "auto"
-    extraction = [j for j in jobs if j.rule.startswith("extract_activations_")]
+    extraction = [j for j in jobs if j.rule == "extract_activations"]
     assert extraction and all(j.res.get("gpu") == "1" for j in extraction)
     # the estimates scale with the model: Mistral-7B's jobs get far more memory than GPT-2's
-    mem = {j.rule: int(j.res["mem_mb"]) for j in extraction}
-    assert mem["extract_activations_mistral"] > 4 * mem["extract_activations_gpt2"]
+    mem = {j.wc["model"]: int(j.res["mem_mb"]) for j in extraction}
+    assert mem["mistral"] > 4 * mem["gpt2"]
 
 
 # ----------------------------------------------------------------------------- resource functions
 
 
 def test_resource_estimates_follow_the_config():
-    from neuronatlas import resources as nares
+    from neuronatlas.activations import dag as activations_dag
+    from neuronatlas.core import resources as estimate
 
-    assert [nares.gpus(d) for d in ("cpu", "mps", "auto", "cuda", "cuda:1")] == [0, 0, 1, 1, 1]
-    local = nares.shard_corpus({"source": "files"})
-    small = nares.shard_corpus({"source": "hf", "streaming": True, "max_documents": 20_000})
-    whole = nares.shard_corpus({"source": "hf", "streaming": False, "max_documents": None})
+    assert [estimate.gpus(d) for d in ("cpu", "mps", "auto", "cuda", "cuda:1")] == [0, 0, 1, 1, 1]
+    datasets = {
+        "local": {"source": "files"},
+        "small": {"source": "hf", "streaming": True, "max_documents": 20_000},
+        "whole": {"source": "hf", "streaming": False, "max_documents": None},
+    }
+    local, small, whole = (activations_dag.shard_corpus_resources({"datasets": datasets}, d) for d in datasets)
     assert local["runtime"] < small["runtime"] < whole["runtime"] <= 24 * 60
     assert whole["mem_mb"] > small["mem_mb"] >= local["mem_mb"]
-    assert nares.summarize(10) == {"mem_mb": 1000, "runtime": 10} and nares.summarize(1000)["runtime"] == 20
+    assert activations_dag.summarize_resources(10) == {"mem_mb": 1000, "runtime": 10}
+    assert activations_dag.summarize_resources(1000)["runtime"] == 20
+    # a retry asks for more: memory and time scale with the attempt
+    assert activations_dag.summarize_resources(10, attempt=2) == {"mem_mb": 2000, "runtime": 20}
 
 
 def test_non_slurm_runs_skip_the_slurm_plugins_scontrol_probe():

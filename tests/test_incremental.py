@@ -7,9 +7,7 @@ expected to run are the seeds plus everything downstream of them in the edited c
 leaks into an unrelated job (too much re-runs) and a parameter missing from a job's params (too little
 re-runs) both fail. `forbid` states, independently, jobs that must never run for that edit.
 
-A stage adds its rows here, e.g.
-    Case("add-k", lambda c: c["clustering"]["k"].append(3), seeds=lambda j: j.wc.get("k") == "3",
-         forbid=lambda j: j.rule.startswith(("extract_activations_", "merge_activations")))
+A method adds its rows here, e.g.
     Case("filter-threshold", lambda c: c["representations"]["min_count"].update(fix=3),
          seeds=lambda j: j.rule == "<the filter rule>" and j.wc.get("dataset") == "fix",
          forbid=lambda j: j.wc.get("dataset") == "notes")
@@ -36,12 +34,13 @@ def _never(_: PlannedJob) -> bool:
 
 
 def model_of(job: PlannedJob) -> str | None:
-    """The model a job belongs to: its `model` wildcard, or the suffix of a per-model rule name."""
-    if "model" in job.wc:
-        return job.wc["model"]
-    if job.rule.startswith("extract_activations_"):
-        return job.rule[len("extract_activations_"):]
-    return None
+    """The model a job belongs to (its `model` wildcard)."""
+    return job.wc.get("model")
+
+
+def extraction(job: PlannedJob) -> bool:
+    """Whether the job is an extraction or a merge (the expensive model passes)."""
+    return job.rule in ("extract_activations", "merge_activations")
 
 
 @dataclass
@@ -71,56 +70,91 @@ def _set(path: str, value) -> Callable[[dict], None]:
 CASES = [
     Case("touch-nothing", lambda c: None),
     # one dataset's corpus setting: that dataset's shards and everything computed from them, nothing else
-    Case("dataset-setting", _set("datasets.fix.max_documents", 20),
-         seeds=lambda j: j.rule == "shard_corpus" and j.wc["dataset"] == "fix",
-         forbid=lambda j: j.wc.get("dataset") == "notes" or j.rule == "prepare_model"),
+    Case(
+        "dataset-setting",
+        _set("datasets.fix.max_documents", 20),
+        seeds=lambda j: j.rule == "shard_corpus" and j.wc["dataset"] == "fix",
+        forbid=lambda j: j.wc.get("dataset") == "notes" or j.rule == "prepare_model",
+    ),
     # adding a shard: the dataset is re-split round-robin, so its shards are re-extracted (not the others')
-    Case("add-shard", _set("datasets.fix.shards", 4),
-         seeds=lambda j: j.rule == "shard_corpus" and j.wc["dataset"] == "fix",
-         forbid=lambda j: j.wc.get("dataset") == "notes" or j.rule == "prepare_model", changes_dag=True),
+    Case(
+        "add-shard",
+        _set("datasets.fix.shards", 4),
+        seeds=lambda j: j.rule == "shard_corpus" and j.wc["dataset"] == "fix",
+        forbid=lambda j: j.wc.get("dataset") == "notes" or j.rule == "prepare_model",
+        changes_dag=True,
+    ),
     # an extraction setting of one model: that model's branch, from extraction down; not its preparation
-    Case("model-setting", _set("models.tgpt.max_length", 12),
-         seeds=lambda j: j.rule == "extract_activations_tgpt",
-         forbid=lambda j: model_of(j) == "tbert" or j.rule in ("prepare_model", "shard_corpus")),
+    Case(
+        "model-setting",
+        _set("models.tgpt.max_length", 12),
+        seeds=lambda j: j.rule == "extract_activations" and model_of(j) == "tgpt",
+        forbid=lambda j: model_of(j) == "tbert" or j.rule in ("prepare_model", "shard_corpus"),
+    ),
     # a model's architecture: the model is re-initialised, and all of its branch re-runs
-    Case("model-architecture", _set("models.tgpt.config.n_layer", 3),
-         seeds=lambda j: j.rule == "prepare_model" and j.wc["model"] == "tgpt",
-         forbid=lambda j: model_of(j) == "tbert" or j.rule == "shard_corpus"),
+    Case(
+        "model-architecture",
+        _set("models.tgpt.config.n_layer", 3),
+        seeds=lambda j: j.rule == "prepare_model" and j.wc["model"] == "tgpt",
+        forbid=lambda j: model_of(j) == "tbert" or j.rule == "shard_corpus",
+    ),
     # a global extraction setting: every extraction re-runs; corpora and models stay
-    Case("global-extraction-setting", _set("activations.top_k", 5),
-         seeds=lambda j: j.rule.startswith("extract_activations_"),
-         forbid=lambda j: j.rule in ("prepare_model", "shard_corpus")),
-    # a new K: that K's cut and refinement, and the jobs that aggregate over clustering.k (the bootstrap
-    # stability per K, the cluster tables, the ablation of every clustering of the triple); no extraction,
-    # no representation, no tree
-    Case("add-k", lambda c: c["clustering"]["k"].append(3),
-         seeds=lambda j: (j.rule in ("cluster_cut", "cluster_refine") and j.wc["k"] == "3")
-         or j.rule in ("cluster_bootstrap", "cluster_tables", "ablate_clusters"),
-         forbid=lambda j: j.rule.startswith("extract_activations_") or j.rule in (
-             "merge_activations", "prepare_model", "shard_corpus", "cluster_representation", "cluster_tree", "cluster_sweep")
-         or (j.rule in ("cluster_cut", "cluster_refine") and j.wc.get("k") != "3")
-         or j.rule.startswith(("n2g_", "textualization_", "modularity_")),  # (textualization has a K of its own)
-         changes_dag=True),
+    Case(
+        "global-extraction-setting",
+        _set("activations.top_k", 5),
+        seeds=lambda j: j.rule == "extract_activations",
+        forbid=lambda j: j.rule in ("prepare_model", "shard_corpus"),
+    ),
+    # a new K: the cut jobs (one per variant cuts every K of the tree) and the jobs that aggregate over
+    # clustering.k (the bootstrap stability per K, the cluster tables, the ablation of every clustering of
+    # the triple); no extraction, no representation, no tree, no sweep
+    Case(
+        "add-k",
+        lambda c: c["clustering"]["k"].append(3),
+        seeds=lambda j: j.rule in ("clusters_cut", "clusters_bootstrap", "clusters_tables", "intervention_ablate"),
+        forbid=lambda j: (
+            extraction(j)
+            or j.rule in ("prepare_model", "shard_corpus", "clusters_representation", "clusters_tree", "clusters_sweep")
+            or j.rule.startswith(("n2g_", "textualization_", "modularity_"))
+        ),  # (textualization has a K of its own)
+        changes_dag=True,
+    ),
     # one dataset's frequency-filter threshold: that dataset's filtered representation and what is computed
     # from it (smooth is built from filter); not the raw variant, not the other dataset, no extraction
-    Case("filter-threshold", lambda c: c["representations"]["min_count"].update(fix=3),
-         seeds=lambda j: j.rule == "cluster_representation" and j.wc["dataset"] == "fix" and j.wc["variant"] == "filter",
-         forbid=lambda j: j.wc.get("dataset") not in (None, "fix") or j.wc.get("variant") == "raw"
-         or j.rule.startswith("extract_activations_") or j.rule in ("merge_activations", "prepare_model", "shard_corpus")),
+    Case(
+        "filter-threshold",
+        lambda c: c["representations"]["min_count"].update(fix=3),
+        seeds=lambda j: j.rule == "clusters_representation" and j.wc["dataset"] == "fix" and j.wc["variant"] == "filter",
+        forbid=lambda j: (
+            j.wc.get("dataset") not in (None, "fix")
+            or j.wc.get("variant") == "raw"
+            or extraction(j)
+            or j.rule in ("prepare_model", "shard_corpus")
+        ),
+    ),
     # a per-neuron explanation setting (N2G): its layer jobs and table only
-    Case("n2g-setting", _set("n2g.random_eval_windows", 3),
-         seeds=lambda j: j.rule == "n2g_layer",
-         forbid=lambda j: not j.rule.startswith("n2g_") and j.rule != "all"),
+    Case(
+        "n2g-setting",
+        _set("n2g.random_eval_windows", 3),
+        seeds=lambda j: j.rule == "n2g_layer",
+        forbid=lambda j: not j.rule.startswith("n2g_") and j.rule != "all",
+    ),
     # a textualization setting: the optimisation jobs of that model, not the activation scan
-    Case("textualization-steps", _set("textualization.steps", 6),
-         seeds=lambda j: j.rule in ("textualization_single", "textualization_group"),
-         forbid=lambda j: not j.rule.startswith("textualization_") and j.rule != "all"),
+    Case(
+        "textualization-steps",
+        _set("textualization.steps", 6),
+        seeds=lambda j: j.rule in ("textualization_single", "textualization_group"),
+        forbid=lambda j: not j.rule.startswith("textualization_") and j.rule != "all",
+    ),
     # a new (model, dataset) pair: its extraction and what aggregates over the grid, nothing of the others
     # (the MLM head keeps its training data: `notes` has no eval_shards for its held-out metrics)
-    Case("add-dataset-to-model", lambda c: (c["models"]["tbert"]["datasets"].append("notes"),
-                                            c["mlm_head"].__setitem__("datasets", ["fix"])),
-         seeds=lambda j: (model_of(j) == "tbert" and j.wc.get("dataset") == "notes") or j.rule == "summarize_activations",
-         forbid=lambda j: model_of(j) == "tbert" and j.wc.get("dataset") == "fix", changes_dag=True),
+    Case(
+        "add-dataset-to-model",
+        lambda c: (c["models"]["tbert"]["datasets"].append("notes"), c["mlm_head"].__setitem__("datasets", ["fix"])),
+        seeds=lambda j: (model_of(j) == "tbert" and j.wc.get("dataset") == "notes") or j.rule == "summarize_activations",
+        forbid=lambda j: model_of(j) == "tbert" and j.wc.get("dataset") == "fix",
+        changes_dag=True,
+    ),
 ]
 
 
@@ -200,12 +234,12 @@ Shell command: None
 
 [Mon Nov 23 05:48:56 2026]
 rule merge_activations:
-    input: /r/tgpt/fix/mlp/activations/shard-0.h5
+    input: /r/tgpt/fix/activations/shard-0.h5
     output: /r/tgpt/fix/mlp/activations/stats.h5
     log: /r/logs/merge_activations/tgpt/fix/mlp.log
     jobid: 7
     benchmark: /r/benchmarks/merge_activations/tgpt/fix/mlp.tsv
-    reason: Input files updated by another job: /r/tgpt/fix/mlp/activations/shard-0.h5
+    reason: Input files updated by another job: /r/tgpt/fix/activations/shard-0.h5
     wildcards: model=tgpt, dataset=fix, site=mlp
     threads: 2
     resources: tmpdir=/tmp, runtime=10, mem_mb=1001
@@ -235,8 +269,8 @@ def test_dry_run_parser_reads_jobs_and_stats():
 
 
 def test_external_inputs_are_read_from_a_missing_input_error():
-    text = """MissingInputException in rule cluster_representation in file "x.smk", line 44:
-Missing input files for rule cluster_representation:
+    text = """MissingInputException in rule clusters_representation in file "x.smk", line 44:
+Missing input files for rule clusters_representation:
     output: /r/bert/yelp/residual/representations/smooth.h5
     wildcards: model=bert, dataset=yelp, site=residual, variant=smooth
     affected files:

@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from neuronatlas.core import mlm_head, models
+from neuronatlas.core.errors import NeuronAtlasError
+from neuronatlas.core.io import read_json
+
 import helpers
-from neuronatlas import mlm_head, models
-from neuronatlas.errors import NeuronAtlasError
-from neuronatlas.io import read_json
 
 
 def frames():
@@ -45,8 +46,13 @@ def test_folder_loads_as_masked_lm_with_frozen_encoder_and_tied_decoder(fitted, 
     assert mlm_head.head_info(None) is None
     # the saved head computes BERT's head: LayerNorm(gelu(W h + b)) E^T + bias (independent reference)
     h = torch.randn(5, pred.transform.dense.weight.shape[0])
-    ref = F.layer_norm(F.gelu(h @ pred.transform.dense.weight.T + pred.transform.dense.bias), (h.shape[1],),
-                       pred.transform.LayerNorm.weight, pred.transform.LayerNorm.bias, pred.transform.LayerNorm.eps)
+    ref = F.layer_norm(
+        F.gelu(h @ pred.transform.dense.weight.T + pred.transform.dense.bias),
+        (h.shape[1],),
+        pred.transform.LayerNorm.weight,
+        pred.transform.LayerNorm.bias,
+        pred.transform.LayerNorm.eps,
+    )
     ref = ref @ lm.model.bert.embeddings.word_embeddings.weight.T + pred.bias
     with torch.inference_mode():
         torch.testing.assert_close(lm.model.cls(h), ref, rtol=1e-5, atol=1e-5)
@@ -75,7 +81,7 @@ def test_deterministic_for_a_seed(fitted):
 
 
 def test_mask_positions_never_select_specials_and_at_least_one():
-    from neuronatlas.extract import Window
+    from neuronatlas.core.extract import Window
 
     wins = [Window(0, 0, np.array([101, 5, 6, 7, 102]), 1, 3), Window(1, 0, np.array([101, 103, 102]), 1, 1)]
     sel = mlm_head.mask_positions(wins, 0.0001, np.random.default_rng(0), {101, 102, 103})

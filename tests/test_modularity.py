@@ -8,18 +8,27 @@ import pandas as pd
 import pytest
 import torch
 
-from neuronatlas import ablation, modularity as mod, models, store
-from neuronatlas.errors import ConfigError, NeuronAtlasError
-from neuronatlas.store import SiteStats, empty_topk
+from neuronatlas.core import ablation, models, store
+from neuronatlas.core.errors import ConfigError, NeuronAtlasError
+from neuronatlas.core.store import SiteStats, empty_topk
+from neuronatlas.modularity import dag as modularity_dag
+from neuronatlas.modularity import evaluation
+from neuronatlas.modularity import jobs as modularity_jobs
+from neuronatlas.modularity import pruning as mod
 
-from test_vision import TINY_VIT
+from test_images import TINY_VIT
 
 
 def _site_stats(acts: np.ndarray, labels: list[str] | None = None) -> SiteStats:
     """SiteStats of raw activations (N examples, L, W) -- one position per example."""
     N, L, W = acts.shape
-    neuron = {"count": np.full((L, W), N, np.int64), "sum": acts.sum(0), "sum_sq": (acts**2).sum(0), "abs_sum": np.abs(acts).sum(0),
-              "max": acts.max(0).astype(np.float32)}
+    neuron = {
+        "count": np.full((L, W), N, np.int64),
+        "sum": acts.sum(0),
+        "sum_sq": (acts**2).sum(0),
+        "abs_sum": np.abs(acts).sum(0),
+        "max": acts.max(0).astype(np.float32),
+    }
     label = None
     if labels is not None:
         names = sorted(set(labels))
@@ -110,16 +119,15 @@ def test_bisection_reports_unreachable_targets_and_respects_max_steps():
 
 def test_overlap_trained_vs_random_on_a_hand_made_case():
     # 3 tasks on a (2, 4) site; trained: tasks a and b share neurons, c is apart; random: everything mixes
-    trained = np.array([
-        [[9, 8, 0, 0], [7, 0, 0, 0]],  # a: top3 = (0,0) (0,1) (1,0)
-        [[9, 0, 8, 0], [7, 0, 0, 0]],  # b: top3 = (0,0) (0,2) (1,0)
-        [[0, 0, 0, 9], [0, 8, 7, 0]],  # c: top3 = (0,3) (1,1) (1,2)
-    ], float)
-    random = np.array([
-        [[9, 8, 7, 0], [0, 0, 0, 0]],
-        [[0, 8, 7, 9], [0, 0, 0, 0]],
-        [[9, 0, 0, 0], [0, 0, 8, 7]],
-    ], float)
+    trained = np.array(
+        [
+            [[9, 8, 0, 0], [7, 0, 0, 0]],  # a: top3 = (0,0) (0,1) (1,0)
+            [[9, 0, 8, 0], [7, 0, 0, 0]],  # b: top3 = (0,0) (0,2) (1,0)
+            [[0, 0, 0, 9], [0, 8, 7, 0]],  # c: top3 = (0,3) (1,1) (1,2)
+        ],
+        float,
+    )
+    random = np.array([[[9, 8, 7, 0], [0, 0, 0, 0]], [[0, 8, 7, 9], [0, 0, 0, 0]], [[9, 0, 0, 0], [0, 0, 8, 7]]], float)
     tasks = [mod.Task(n, n, "d", n) for n in "abc"]
     sel = {role: np.stack([mod.select_top(s, 3) for s in sc]) for role, sc in (("trained", trained), ("random", random))}
     mt, mr = mod.overlap_matrix(sel["trained"]), mod.overlap_matrix(sel["random"])
@@ -145,12 +153,14 @@ def test_fractions_from_search_or_fixed(tmp_path):
 
 def test_mmlu_prompt_and_multiple_choice_objective(tiny_models):
     lm = models.load(tiny_models["gpt2"], "cpu", "float32", head=True)
-    text = mod.mmlu_prompt("high_school_biology", "What is a cell? ", ["a", "b", "c", "d"])
-    assert text.startswith("The following are multiple choice questions (with answers) about high school biology.\n\nWhat is a cell?\nA. a\n")
+    text = evaluation.mmlu_prompt("high_school_biology", "What is a cell? ", ["a", "b", "c", "d"])
+    assert text.startswith(
+        "The following are multiple choice questions (with answers) about high school biology.\n\nWhat is a cell?\nA. a\n"
+    )
     assert text.endswith("D. d\nAnswer:")
     qs = [{"question": "one two", "choices": ["w", "x", "y", "z"], "answer": i % 4} for i in range(5)]
-    batches = mod.mmlu_batches(lm, "anatomy", qs, batch_size=2)
-    obj = mod.MultipleChoice()
+    batches = evaluation.mmlu_batches(lm, "anatomy", qs, batch_size=2)
+    obj = evaluation.MultipleChoice()
     letters = [lm.tokenizer(f" {c}", add_special_tokens=False)["input_ids"][-1] for c in "ABCD"]
     for b in batches:
         rs = obj(lm.model, b)
@@ -160,14 +170,16 @@ def test_mmlu_prompt_and_multiple_choice_objective(tiny_models):
                 logits = lm.model(input_ids=b.inputs["input_ids"][row : row + 1, :n]).logits[0, -1, letters]
             ans = int(b.targets[row, -1])
             assert rs.correct[row].item() == float(int(logits.argmax()) == ans)
-            assert rs.loss_sum[row].item() == pytest.approx(float(torch.nn.functional.cross_entropy(logits[None], torch.tensor([ans]))), rel=1e-5)
+            assert rs.loss_sum[row].item() == pytest.approx(
+                float(torch.nn.functional.cross_entropy(logits[None], torch.tensor([ans]))), rel=1e-5
+            )
 
 
 def test_mmlu_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(NeuronAtlasError, match="cannot load MMLU subject 'anatomy'.*remove `mmlu.subjects`"):
-        mod.load_mmlu("anatomy", path="neuronatlas-test/no-such-mmlu")
+        evaluation.load_mmlu("anatomy", path="neuronatlas-test/no-such-mmlu")
 
 
 @pytest.fixture(scope="module")
@@ -183,10 +195,10 @@ def test_evaluator_single_conditions_agree_with_the_engine(vit_lm, tiny_models):
     with torch.no_grad():
         y = vit_lm.model(pixel_values=px).logits.argmax(-1)  # labels = the unpruned predictions: base accuracy 1
     y[::3] = (y[::3] + 1) % 10
-    es = mod.EvalSet("t", "t", ablation.image_batches(px, y.numpy(), 10), ablation.ImageClassification(), "task")
+    es = evaluation.EvalSet("t", "t", ablation.image_batches(px, y.numpy(), 10), ablation.ImageClassification(), "task")
     L, W = vit_lm.manifest["sites"]["mlp"]
     values = ablation.ablation_values(None, "zero", (L, W))
-    ev = mod.PruningEvaluator(vit_lm, "mlp", values)
+    ev = evaluation.PruningEvaluator(vit_lm, "mlp", values)
     rng = np.random.default_rng(0)
     conds = [mod.as_condition(rng.random((L, W)) < p) for p in (0.1, 0.5, 0.9)]
     base, acc = ev.matrix(es, conds)
@@ -197,14 +209,22 @@ def test_evaluator_single_conditions_agree_with_the_engine(vit_lm, tiny_models):
     # next-token accuracy of a causal LM, the same two ways
     lm = models.load(tiny_models["gpt2"], "cpu", "float32", head=True)
     frame = pd.DataFrame({"doc_id": [0, 1], "text": ["the cat sat on the mat " * 6, "a b c d e f g " * 5]})
-    ex = mod.text_examples(lm, frame, 16, 50)
+    ex = evaluation.text_examples(lm, frame, 16, 50)
     assert sum(len(e.ids) for e in ex) == 50
-    es2 = mod.EvalSet("x", "x", ablation.next_token_batches(lm.manifest, ex, 64, 8, all_positions=True), ablation.TokenObjective(name="next_token"), "task")
-    ev2 = mod.PruningEvaluator(lm, "mlp", ablation.ablation_values(None, "zero", tuple(lm.manifest["sites"]["mlp"])))
+    es2 = evaluation.EvalSet(
+        "x",
+        "x",
+        ablation.next_token_batches(lm.manifest, ex, 64, 8, all_positions=True),
+        ablation.TokenObjective(name="next_token"),
+        "task",
+    )
+    ev2 = evaluation.PruningEvaluator(lm, "mlp", ablation.ablation_values(None, "zero", tuple(lm.manifest["sites"]["mlp"])))
     c = mod.as_condition(np.random.default_rng(1).random(tuple(lm.manifest["sites"]["mlp"])) < 0.5)
     base, acc = ev2.matrix(es2, [c])
     assert ev2.baseline(es2) == pytest.approx(base) and ev2._accuracy(es2, c) == pytest.approx(acc[0])
-    assert es2.batches and sum(int((b.targets != ablation.IGNORE).sum()) for b in es2.batches) == 50 - len(ex) * (not lm.manifest["prefix_ids"])
+    assert es2.batches and sum(int((b.targets != ablation.IGNORE).sum()) for b in es2.batches) == 50 - len(ex) * (
+        not lm.manifest["prefix_ids"]
+    )
 
 
 def test_search_and_effects_on_a_tiny_vit(vit_lm):
@@ -216,21 +236,23 @@ def test_search_and_effects_on_a_tiny_vit(vit_lm):
     tasks = [mod.Task("p", "p", "d", "p"), mod.Task("q", "q", "d", "q")]
     rng = np.random.default_rng(2)
     sf = mod.ScoreFile(tasks, rng.random((2, L, W)), np.zeros((2, L, W)), np.zeros((L, W)), np.zeros((L, W)))
-    sets = {t.key: mod.EvalSet(t.name, t.key, ablation.image_batches(px[i::2], y[i::2], 8), ablation.ImageClassification(), "task")
-            for i, t in enumerate(tasks)}
-    ev = mod.PruningEvaluator(vit_lm, "mlp", np.zeros((L, W), np.float32))
-    search, points, effects = mod.search_and_effects(ev, tasks, sf, sets, [], 0.5, 0.1, 12, 1.0, log=lambda m: None)
+    sets = {
+        t.key: evaluation.EvalSet(t.name, t.key, ablation.image_batches(px[i::2], y[i::2], 8), ablation.ImageClassification(), "task")
+        for i, t in enumerate(tasks)
+    }
+    ev = evaluation.PruningEvaluator(vit_lm, "mlp", np.zeros((L, W), np.float32))
+    search, points, effects = evaluation.search_and_effects(ev, tasks, sf, sets, [], 0.5, 0.1, 12, 1.0, log=lambda m: None)
     assert list(search["task"]) == ["p", "q"] and (search["base_accuracy"] == 1.0).all()
     for row in search.itertuples():
         assert row.relative == pytest.approx(points[points.key == row.key].set_index("n_pruned").loc[row.n_pruned, "relative"])
-    wide = mod.effect_matrix(effects)
+    wide = evaluation.effect_matrix(effects)
     assert wide.shape == (2, 2)
     for row in search.itertuples():  # the diagonal is the searched point, evaluated again by the engine
         assert wide.loc[row.task, row.task] == pytest.approx(100 * row.relative)
 
 
 def test_check_config_names_keys():
-    from neuronatlas import config as nacfg
+    from neuronatlas.core import config as nacfg
 
     import helpers
 
@@ -241,11 +263,11 @@ def test_check_config_names_keys():
 
     cfg = nacfg.validate(base())
     with pytest.raises(ConfigError, match="modularity.experiments.e.tasks\\[1\\]`: dataset notes has no eval_shards"):
-        mod.check_config(cfg)
+        modularity_dag.check_config(cfg)
     c = base()
     c["modularity"]["experiments"]["e"]["random_model"] = "tbert"
     with pytest.raises(ConfigError, match="random_model"):
-        mod.check_config(nacfg.validate(c))
+        modularity_dag.check_config(nacfg.validate(c))
     c = base()
     c["modularity"]["experiments"]["e"]["drops"] = [1.5]
     with pytest.raises(ConfigError, match="modularity.experiments.e.drops.0"):
@@ -253,7 +275,7 @@ def test_check_config_names_keys():
 
 
 def test_moe_and_lorenz_jobs_wire_the_moe_module(tmp_path, random_params):
-    from neuronatlas import moe
+    from neuronatlas.modularity import moe
 
     mans = {}
     for role, seed in (("trained", 0), ("random", 1)):
@@ -264,7 +286,7 @@ def test_moe_and_lorenz_jobs_wire_the_moe_module(tmp_path, random_params):
     clusters = {}
     for role, man in mans.items():
         params = {"model": f"v{role}", "k": None, "cluster_size": 8, "max_iter": 20, "seed": 0}
-        stats = mod.moe_job(params, man, str(tmp_path / f"{role}.parquet"), str(tmp_path / f"{role}.json"), threads=1)
+        stats = modularity_jobs.modularity_moe(params, man, str(tmp_path / f"{role}.parquet"), str(tmp_path / f"{role}.json"), threads=1)
         clusters[role] = str(tmp_path / f"{role}.parquet")
         ids = moe.read_clusters(clusters[role])
         assert ids.shape == (2, 32) and all((np.bincount(row, minlength=4) == 8).all() for row in ids)  # k = 32 / 8, equal sizes
@@ -279,9 +301,12 @@ def test_moe_and_lorenz_jobs_wire_the_moe_module(tmp_path, random_params):
         scores[role] = str(tmp_path / f"scores-{role}.h5")
         mod.write_scores(scores[role], tasks, sc, sc, np.ones((2, 32)), np.zeros((2, 32)), {"model": role})
     pd.DataFrame({"key": ["p", "q"], "fraction": [0.25, 0.25]}).to_csv(tmp_path / "search.csv", index=False)
-    out = {k: str(tmp_path / f"out-{k}.{ext}") for k, ext in (("csv", "csv"), ("compare", "csv"), ("md", "md"), ("figure", "png"), ("curve_figure", "png"))}
+    out = {
+        k: str(tmp_path / f"out-{k}.{ext}")
+        for k, ext in (("csv", "csv"), ("compare", "csv"), ("md", "md"), ("figure", "png"), ("curve_figure", "png"))
+    }
     params = {"experiment": "e", "fraction": None, "null_draws": 20, "seed": 0, "models": {"trained": "vtrained", "random": "vrandom"}}
-    table = mod.lorenz_job(params, scores, clusters, str(tmp_path / "search.csv"), out)
+    table = modularity_jobs.modularity_lorenz(params, scores, clusters, str(tmp_path / "search.csv"), out)
     assert (table["fraction"] == 0.25).all() and (table["n_selected"] == 8).all()  # top 25% of each layer's 32
     one_bin = table.query("model == 'trained' and subset == 'p' and layer == 0")["auc"].item()
     assert one_bin == pytest.approx(1.0)  # 8 selected = the whole of cluster 1
@@ -293,41 +318,67 @@ def test_moe_and_lorenz_jobs_wire_the_moe_module(tmp_path, random_params):
 
 
 def test_rule_helpers_paths_inputs_and_targets():
-    """modularity_jobs: the rule file's inputs and targets follow the config (fixed fraction -> no search input)."""
-    from neuronatlas import modularity_jobs as mj
+    """modularity.dag: the rule file's inputs and targets follow the config (fixed fraction -> no search input)."""
+    mj = modularity_dag
 
     exps = {
-        "img": {"model": "v", "random_model": "vr", "tasks": ["f"], "reference": None, "drops": [0.5, 0.125],
-                "overlap_fraction": None, "moe": True},
-        "txt": {"model": "g", "random_model": None, "tasks": ["a", "b"], "reference": ["c", "a"], "drops": [0.2],
-                "overlap_fraction": 0.01, "moe": False},
+        "img": {
+            "model": "v",
+            "random_model": "vr",
+            "tasks": ["f"],
+            "reference": None,
+            "drops": [0.5, 0.125],
+            "overlap_fraction": None,
+            "moe": True,
+        },
+        "txt": {
+            "model": "g",
+            "random_model": None,
+            "tasks": ["a", "b"],
+            "reference": ["c", "a"],
+            "drops": [0.2],
+            "overlap_fraction": 0.01,
+            "moe": False,
+        },
     }
-    cfg = {"modularity": {"experiments": exps, "moe": {"fraction": None}},
-           "models": {"v": {"source": "train"}, "vr": {"source": "random"}, "g": {"source": "packaged"}}}
+    cfg = {
+        "modularity": {"experiments": exps, "moe": {"fraction": None}},
+        "models": {"v": {"source": "train"}, "vr": {"source": "random"}, "g": {"source": "packaged"}},
+    }
     assert mj.roles(cfg, "img") == {"trained": "v", "random": "vr"} and mj.roles(cfg, "txt") == {"trained": "g"}
     assert mj.datasets(cfg, "txt") == ["a", "b", "c"]
     assert mj.models_constraint(cfg) == "g|v|vr" and mj.models_constraint(cfg, "trained") == "g|v"
     assert mj.models_constraint(cfg, "moe") == "v|vr" and mj.experiment_constraint(cfg) == "img|txt"
     assert mj.search_csv(cfg, "R", "img") == "R/v/modularity/img/search-d50.csv"
-    assert mj.overlap_inputs(cfg, "R", "img") == {"trained": "R/v/modularity/img/scores.h5", "random": "R/vr/modularity/img/scores.h5",
-                                                  "search": "R/v/modularity/img/search-d50.csv"}
+    assert mj.overlap_inputs(cfg, "R", "img") == {
+        "trained": "R/v/modularity/img/scores.h5",
+        "random": "R/vr/modularity/img/scores.h5",
+        "search": "R/v/modularity/img/search-d50.csv",
+    }
     assert "search" not in mj.overlap_inputs(cfg, "R", "txt")
     assert mj.lorenz_inputs(cfg, "R", "img")["clusters_random"] == "R/vr/modularity/moe/clusters.parquet"
     cfg["modularity"]["moe"]["fraction"] = 0.1
     assert "search" not in mj.lorenz_inputs(cfg, "R", "img")
-    t = mj.targets(cfg, "R", {"v": "R/models/v", "vr": "R/models/vr", "g": "R/models/g"})
-    assert t == ["R/figures/modularity/img/effects-v-d50.png", "R/figures/modularity/img/effects-v-d12.5.png",
-                 "R/figures/modularity/img/overlap.png", "R/figures/modularity/img/lorenz-auc.png", "R/models/v/manifest.json",
-                 "R/figures/modularity/txt/effects-g-d20.png", "R/figures/modularity/txt/overlap.png"]
+    t = mj.targets(cfg, "R")
+    assert t == [
+        "R/figures/modularity/img/effects-v-d50.png",
+        "R/figures/modularity/img/effects-v-d12.5.png",
+        "R/figures/modularity/img/overlap.png",
+        "R/figures/modularity/img/lorenz-auc.png",
+        "R/models/v/manifest.json",
+        "R/figures/modularity/txt/effects-g-d20.png",
+        "R/figures/modularity/txt/overlap.png",
+    ]
     empty = {"modularity": {"experiments": {}, "moe": {"fraction": None}}, "models": {}}
-    assert mj.models_constraint(empty) == mj.NO_MATCH and mj.targets(empty, "R", {}) == []
+    assert mj.models_constraint(empty) == mj.NO_MATCH and mj.targets(empty, "R") == []
 
 
-def test_importing_the_stage_modules_loads_no_torch():
-    """The Snakefile imports modularity / modularity_jobs at every start: no torch at import time."""
+def test_importing_the_dag_modules_loads_no_torch():
+    """The Snakefile imports every method's dag module at every start: no torch at import time."""
     import subprocess
     import sys
 
-    code = "import sys, neuronatlas.modularity, neuronatlas.modularity_jobs, neuronatlas.moe; print('torch' in sys.modules)"
+    methods = ("activations", "clusters", "intervention", "n2g", "textualization", "modularity")
+    code = f"import sys; import {', '.join(f'neuronatlas.{m}.dag' for m in methods)}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"

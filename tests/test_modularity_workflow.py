@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from neuronatlas import modularity as mod
-from neuronatlas import store
-from neuronatlas.io import read_json
+from neuronatlas.core import store
+from neuronatlas.core.io import read_json
+from neuronatlas.modularity import pruning as mod
 
 
 @pytest.fixture(scope="module")

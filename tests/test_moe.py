@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from neuronatlas import moe
-from neuronatlas.errors import NeuronAtlasError
+from neuronatlas.core.errors import NeuronAtlasError
+from neuronatlas.modularity import moe
 
 
 def replicated_reference(cost: np.ndarray) -> tuple[float, np.ndarray]:
@@ -221,8 +221,7 @@ def test_select_per_layer_equal_proportion_and_ties():
 
 
 def test_lorenz_table_and_trained_vs_random():
-    clusters = {"trained": np.array([[0, 0, 1, 1, 2, 2], [0, 1, 2, 0, 1, 2]]),
-                "random": np.array([[0, 1, 2, 0, 1, 2], [0, 1, 2, 0, 1, 2]])}
+    clusters = {"trained": np.array([[0, 0, 1, 1, 2, 2], [0, 1, 2, 0, 1, 2]]), "random": np.array([[0, 1, 2, 0, 1, 2], [0, 1, 2, 0, 1, 2]])}
     s = np.array([[9.0, 8.0, 0, 0, 0, 0], [9.0, 0, 0, 8.0, 0, 0]])
     scores = {"trained": {"code": s}, "random": {"code": s}}
     table = moe.lorenz_table(clusters, scores, fraction=2 / 6, null_draws=50, seed=0)
@@ -242,13 +241,13 @@ def test_lorenz_table_and_trained_vs_random():
 
 
 def test_lorenz_plots(tmp_path):
-    from neuronatlas.plots import moe as pm
+    from neuronatlas.modularity import figures as pm
 
     pm.lorenz_curves({"trained": np.array([5, 1, 0, 0]), "random": np.array([2, 1, 2, 1])}, tmp_path / "a.png", "layer 0")
-    clusters = {m: np.random.default_rng(i).permutation(np.repeat(np.arange(4), 5)).reshape(2, 10) for i, m in
-                enumerate(("trained", "random"))}
-    scores = {m: {"a": np.random.default_rng(7).random((2, 10)), "b": np.random.default_rng(8).random((2, 10))}
-              for m in clusters}
+    clusters = {
+        m: np.random.default_rng(i).permutation(np.repeat(np.arange(4), 5)).reshape(2, 10) for i, m in enumerate(("trained", "random"))
+    }
+    scores = {m: {"a": np.random.default_rng(7).random((2, 10)), "b": np.random.default_rng(8).random((2, 10))} for m in clusters}
     pm.auc_by_layer(moe.lorenz_table(clusters, scores, 0.3, null_draws=5), tmp_path / "b.png")
     for name in ("a.png", "b.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -261,8 +260,8 @@ def test_lorenz_plots(tmp_path):
 
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
 def test_moefy_tiny_model(tiny_models, name, tmp_path):
-    from neuronatlas import models
-    from neuronatlas.adapters import site_shape
+    from neuronatlas.core import models
+    from neuronatlas.core.adapters import site_shape
 
     lm = models.load(tiny_models[name], device="cpu", dtype="float32")
     L, W = site_shape(lm.base, lm.family, "mlp")

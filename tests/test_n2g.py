@@ -10,7 +10,9 @@ import pytest
 import torch
 from sklearn.metrics import precision_recall_fscore_support
 
-from neuronatlas import adapters, extract, models, n2g, store
+from neuronatlas.core import adapters, extract, models, store
+from neuronatlas.n2g import build
+from neuronatlas.n2g import graph as n2g
 
 IGN = n2g.IGNORE
 
@@ -172,7 +174,7 @@ class CountingProbe:
 
 
 def test_saliency_on_a_hand_checkable_neuron():
-    (a, imp), = n2g.saliency(CountingProbe(), 0, [np.array([7, 3, 7])], mask_id=0)
+    ((a, imp),) = build.saliency(CountingProbe(), 0, [np.array([7, 3, 7])], mask_id=0)
     np.testing.assert_array_equal(a, [1, 1, 2])
     # I[k, j] = 1 - a_j(k masked) / a_j
     np.testing.assert_allclose(imp, [[1.0, 1.0, 0.5], [0.0, 0.0, 0.0], [0.0, 0.0, 0.5]])
@@ -182,11 +184,11 @@ def test_pruning_stops_at_the_first_length_reaching_the_ratio_on_the_counting_ne
     # key = last token; activation = number of 7s in the kept suffix; original 3
     prompt = np.array([7, 2, 7, 2, 2, 7, 2])
     for batch in (1, 2, 16):
-        (L, act), = n2g.prune_lengths(CountingProbe(), 0, [prompt], [3.0], ratio=0.5, batch=batch)
+        ((L, act),) = build.prune_lengths(CountingProbe(), 0, [prompt], [3.0], ratio=0.5, batch=batch)
         assert (L, act) == (5, 2.0)  # suffix [7, 2, 2, 7, 2] is the first with >= 1.5
-        (L, act), = n2g.prune_lengths(CountingProbe(), 0, [prompt], [3.0], ratio=1.0, batch=batch, max_context=3)
+        ((L, act),) = build.prune_lengths(CountingProbe(), 0, [prompt], [3.0], ratio=1.0, batch=batch, max_context=3)
         assert (L, act) == (4, 1.0)  # not reached within 3 prior tokens: the longest suffix tried is kept
-        (L, act), = n2g.prune_lengths(CountingProbe(), 0, [prompt], [3.0], ratio=1.0, batch=batch)
+        ((L, act),) = build.prune_lengths(CountingProbe(), 0, [prompt], [3.0], ratio=1.0, batch=batch)
         assert (L, act) == (7, 3.0)  # without a limit the search goes on until the ratio is reached
 
 
@@ -209,7 +211,7 @@ def naive_acts(lm, ids, layer, neuron):
 def test_pruning_stop_criterion_on_a_tiny_model(tiny_gpt2):
     lm = tiny_gpt2
     rng = np.random.default_rng(0)
-    probe = n2g.LayerProbe(lm, 1, batch_tokens=256)
+    probe = build.LayerProbe(lm, 1, batch_tokens=256)
     layer, checked = 1, 0
     for neuron in range(0, 96, 7):
         prompt = rng.integers(1, 500, 12)
@@ -217,11 +219,11 @@ def test_pruning_stop_criterion_on_a_tiny_model(tiny_gpt2):
         if orig <= 0:
             continue
         # naive reference: one suffix at a time
-        want = next(L for L in range(1, 13) if naive_acts(lm, prompt[12 - L:], layer, neuron)[-1] >= 0.5 * orig)
+        want = next(L for L in range(1, 13) if naive_acts(lm, prompt[12 - L :], layer, neuron)[-1] >= 0.5 * orig)
         for batch in (1, 3, 16):
-            (L, act), = n2g.prune_lengths(probe, neuron, [prompt], [orig], ratio=0.5, batch=batch)
+            ((L, act),) = build.prune_lengths(probe, neuron, [prompt], [orig], ratio=0.5, batch=batch)
             assert L == want
-            assert act == pytest.approx(naive_acts(lm, prompt[12 - L:], layer, neuron)[-1], rel=1e-4, abs=1e-6)
+            assert act == pytest.approx(naive_acts(lm, prompt[12 - L :], layer, neuron)[-1], rel=1e-4, abs=1e-6)
             assert act >= 0.5 * orig - 1e-6
         checked += 1
     assert checked >= 3
@@ -229,10 +231,10 @@ def test_pruning_stop_criterion_on_a_tiny_model(tiny_gpt2):
 
 def test_saliency_matches_masking_one_token_at_a_time(tiny_gpt2):
     lm = tiny_gpt2
-    probe = n2g.LayerProbe(lm, 0)
+    probe = build.LayerProbe(lm, 0)
     prompt = np.array([5, 17, 230, 41, 8, 99])
     neuron = 3
-    (a, imp), = n2g.saliency(probe, neuron, [prompt], mask_id=0)
+    ((a, imp),) = build.saliency(probe, neuron, [prompt], mask_id=0)
     base = naive_acts(lm, prompt, 0, neuron)
     np.testing.assert_allclose(a, base, rtol=1e-4, atol=1e-6)
     for k in range(len(prompt)):
@@ -246,7 +248,7 @@ def test_saliency_matches_masking_one_token_at_a_time(tiny_gpt2):
 
 def test_probe_batching_equals_one_sequence_at_a_time(tiny_gpt2):
     lm = tiny_gpt2
-    probe = n2g.LayerProbe(lm, 1, batch_tokens=40)
+    probe = build.LayerProbe(lm, 1, batch_tokens=40)
     rng = np.random.default_rng(1)
     seqs = [rng.integers(1, 500, n) for n in (3, 9, 1, 14, 6, 6)]
     acts, _ = probe.run(seqs, [4, 50])
@@ -258,7 +260,7 @@ def test_probe_batching_equals_one_sequence_at_a_time(tiny_gpt2):
 
 def test_augmenter_substitutes_whole_words_with_masked_lm_predictions(tiny_models):
     mlm = models.load(tiny_models["bert"], "cpu", "float32", head=True)
-    aug = n2g.Augmenter(mlm, "tiny-bert", n=3, min_probability=0.0, max_words=None)
+    aug = build.Augmenter(mlm, "tiny-bert", n=3, min_probability=0.0, max_words=None)
     text = "The river flows into the Sea."
     # important tokens: part of "river" (chars 5-8) and "Sea"
     assert aug.words_for(text, [(5, 8), (25, 28)], [0.9, 0.8]) == [(4, 9), (25, 28)]
@@ -284,11 +286,26 @@ def tiny_store(tmp_path_factory, tiny_gpt2):
 
     tmp = tmp_path_factory.mktemp("n2gstore")
     texts = helpers.fixture_texts()
-    frame = pd.DataFrame({"doc_id": np.arange(len(texts)) * 3 + 1, "key": [str(i) for i in range(len(texts))], "text": texts,
-                          "label": None, "n_words": [len(t.split()) for t in texts]})
+    frame = pd.DataFrame(
+        {
+            "doc_id": np.arange(len(texts)) * 3 + 1,
+            "key": [str(i) for i in range(len(texts))],
+            "text": texts,
+            "label": None,
+            "n_words": [len(t.split()) for t in texts],
+        }
+    )
     frame.to_parquet(tmp / "shard-0.parquet")
-    st = extract.extract(tiny_gpt2, frame, ["mlp"], max_length=16, batch_tokens=64, top_k=6, progress=False,
-                         attrs={"model": "tgpt", "dataset": "fix", "shard": 0})["mlp"]
+    st = extract.extract(
+        tiny_gpt2,
+        frame,
+        ["mlp"],
+        max_length=16,
+        batch_tokens=64,
+        top_k=6,
+        progress=False,
+        attrs={"model": "tgpt", "dataset": "fix", "shard": 0},
+    )["mlp"]
     store.write(tmp / "stats.h5", st)
     return tmp, frame
 
@@ -296,9 +313,10 @@ def tiny_store(tmp_path_factory, tiny_gpt2):
 def test_documents_are_windowed_exactly_as_extraction_does(tiny_gpt2, tiny_store):
     tmp, frame = tiny_store
     lm = tiny_gpt2
-    docs = n2g.DocumentTokens(lm.tokenizer, [tmp / "shard-0.parquet"], 16, lm.manifest["prefix_ids"], lm.manifest["suffix_ids"])
-    wins = extract.make_windows(lm.tokenizer, frame["text"].tolist(), frame["doc_id"].tolist(), 16,
-                                lm.manifest["prefix_ids"], lm.manifest["suffix_ids"])
+    docs = build.DocumentTokens(lm.tokenizer, [tmp / "shard-0.parquet"], 16, lm.manifest["prefix_ids"], lm.manifest["suffix_ids"])
+    wins = extract.make_windows(
+        lm.tokenizer, frame["text"].tolist(), frame["doc_id"].tolist(), 16, lm.manifest["prefix_ids"], lm.manifest["suffix_ids"]
+    )
     ours = docs.windows(frame["doc_id"].tolist())
     assert len(ours) == len(wins)
     for (d, s, ids), w in zip(ours, wins):
@@ -310,12 +328,12 @@ def test_neuron_sample_is_seeded_eligible_and_nested():
     max_act = np.array([1.0, 0.0, 2.0, 3.0, -1.0, 4.0, 5.0, 6.0])
     doc = np.zeros((8, 4), np.int64)
     doc[2, 1:] = -1  # one example only: not eligible
-    a = n2g.sample_neurons(max_act, doc, 3, 3, seed=0)
+    a = build.sample_neurons(max_act, doc, 3, 3, seed=0)
     assert len(a) == 3 and set(a) <= {0, 3, 5, 6, 7}
-    assert np.array_equal(a, n2g.sample_neurons(max_act, doc, 3, 3, seed=0))
-    assert set(n2g.sample_neurons(max_act, doc, 3, 2, seed=0)) <= set(a)
-    assert set(n2g.sample_neurons(max_act, doc, 3, None, seed=0)) == {0, 3, 5, 6, 7}
-    tr, te = n2g.split_examples(20, 0.5, 0, 3, 5)
+    assert np.array_equal(a, build.sample_neurons(max_act, doc, 3, 3, seed=0))
+    assert set(build.sample_neurons(max_act, doc, 3, 2, seed=0)) <= set(a)
+    assert set(build.sample_neurons(max_act, doc, 3, None, seed=0)) == {0, 3, 5, 6, 7}
+    tr, te = build.split_examples(20, 0.5, 0, 3, 5)
     assert len(tr) == len(te) == 10 and not set(tr) & set(te)
 
 
@@ -323,12 +341,24 @@ def test_run_layer_recomputes_the_stored_examples_and_scores_held_out_tokens(tin
     tmp, frame = tiny_store
     lm = tiny_gpt2
     s = store.open_store(tmp / "stats.h5")
-    docs = n2g.DocumentTokens(lm.tokenizer, [tmp / "shard-0.parquet"], 16, lm.manifest["prefix_ids"], lm.manifest["suffix_ids"])
+    docs = build.DocumentTokens(lm.tokenizer, [tmp / "shard-0.parquet"], 16, lm.manifest["prefix_ids"], lm.manifest["suffix_ids"])
     mlm = models.load(tiny_models["bert"], "cpu", "float32", head=True)
-    aug = n2g.Augmenter(mlm, "tiny-bert", n=2, min_probability=0.0, max_words=2)
-    settings = n2g.N2GSettings(prune_batch=4)
-    res = n2g.run_layer(lm, s.topk(1), s.neuron("max")[1], 1, docs, settings, 4, 0, aug,
-                        eval_doc_ids=frame["doc_id"].tolist()[:3], random_eval_windows=3, progress=False)
+    aug = build.Augmenter(mlm, "tiny-bert", n=2, min_probability=0.0, max_words=2)
+    settings = build.N2GSettings(prune_batch=4)
+    res = build.run_layer(
+        lm,
+        s.topk(1),
+        s.neuron("max")[1],
+        1,
+        docs,
+        settings,
+        4,
+        0,
+        aug,
+        eval_doc_ids=frame["doc_id"].tolist()[:3],
+        random_eval_windows=3,
+        progress=False,
+    )
     assert res.info["max_rel_error_key_activation"] < 1e-4
     rows = pd.DataFrame(res.rows)
     assert set(rows["eval_set"]) == {"topk", "random"} and rows["neuron"].nunique() == 4
@@ -341,8 +371,20 @@ def test_run_layer_recomputes_the_stored_examples_and_scores_held_out_tokens(tin
         assert r["tokens"] == r["firing_true"] + r["nonfiring_true"]
         assert g.meta["augmentation"] == "tiny-bert" and g.meta["layer"] == 1
     # deterministic under the seed
-    res2 = n2g.run_layer(lm, s.topk(1), s.neuron("max")[1], 1, docs, settings, 4, 0, aug,
-                         eval_doc_ids=frame["doc_id"].tolist()[:3], random_eval_windows=3, progress=False)
+    res2 = build.run_layer(
+        lm,
+        s.topk(1),
+        s.neuron("max")[1],
+        1,
+        docs,
+        settings,
+        4,
+        0,
+        aug,
+        eval_doc_ids=frame["doc_id"].tolist()[:3],
+        random_eval_windows=3,
+        progress=False,
+    )
     cols = [c for c in rows.columns if not c.endswith("_s") and c != "seconds"]
     pd.testing.assert_frame_equal(rows[cols], pd.DataFrame(res2.rows)[cols])
 
@@ -350,10 +392,10 @@ def test_run_layer_recomputes_the_stored_examples_and_scores_held_out_tokens(tin
 def test_random_eval_windows_are_seeded_windows_of_the_given_documents(tiny_gpt2, tiny_store):
     tmp, frame = tiny_store
     lm = tiny_gpt2
-    docs = n2g.DocumentTokens(lm.tokenizer, [tmp / "shard-0.parquet"], 16, lm.manifest["prefix_ids"], lm.manifest["suffix_ids"])
+    docs = build.DocumentTokens(lm.tokenizer, [tmp / "shard-0.parquet"], 16, lm.manifest["prefix_ids"], lm.manifest["suffix_ids"])
     ids = frame["doc_id"].tolist()[:5]
-    a = n2g.random_windows(docs, ids, 3, 0, 1)
-    assert len(a) == 3 and all(np.array_equal(x, y) for x, y in zip(a, n2g.random_windows(docs, ids, 3, 0, 1)))
+    a = build.random_windows(docs, ids, 3, 0, 1)
+    assert len(a) == 3 and all(np.array_equal(x, y) for x, y in zip(a, build.random_windows(docs, ids, 3, 0, 1)))
     allowed = [w for _, _, w in docs.windows(ids)]
     assert all(any(np.array_equal(x, w) for w in allowed) for x in a)
-    assert len(n2g.random_windows(docs, ids, 50, 0, 1)) == len(ids)  # one window per document at most
+    assert len(build.random_windows(docs, ids, 50, 0, 1)) == len(ids)  # one window per document at most

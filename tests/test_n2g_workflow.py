@@ -1,4 +1,4 @@
-"""The n2g and feature_clusters rules in the tiny end-to-end DAG (session fixture `tiny_dag`)."""
+"""The n2g_* rules (N2G and feature clustering) in the tiny end-to-end DAG (session fixture `tiny_dag`)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from neuronatlas import models, n2g
 from neuronatlas.bench import dag as bdag
-from neuronatlas.errors import ConfigError
-from neuronatlas.n2g_jobs import check_config
+from neuronatlas.core import models
+from neuronatlas.core.errors import ConfigError
+from neuronatlas.n2g import build
+from neuronatlas.n2g import graph as n2g
+from neuronatlas.n2g.dag import check_config
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def test_n2g_outputs_table_and_graphs(run):
 
 def test_saved_graph_reproduces_the_reported_evaluation(run):
     """Reload a graph from its JSON, rebuild the test windows from the store, recompute firing metrics."""
-    from neuronatlas import store
+    from neuronatlas.core import store
 
     work, cfg, R = run
     neurons = pd.read_csv(R / "tgpt" / "fix" / "mlp" / "n2g" / "neurons.csv")
@@ -62,14 +64,14 @@ def test_saved_graph_reproduces_the_reported_evaluation(run):
     with store.open_store(R / "tgpt" / "fix" / "mlp" / "activations" / "stats.h5") as s:
         topk, a_max = s.topk(1), float(s.neuron("max")[1][n])
     shards = [R / "corpora" / "fix" / "shards" / f"shard-{i}.parquet" for i in (0, 1)]
-    docs = n2g.DocumentTokens(lm.tokenizer, shards, 16, lm.manifest["prefix_ids"], lm.manifest["suffix_ids"])
-    exs = n2g.neuron_examples(topk, n, docs)
-    _, test_i = n2g.split_examples(len(exs), 0.5, cfg["seed"], 1, n)
-    probe = n2g.LayerProbe(lm, 1)
+    docs = build.DocumentTokens(lm.tokenizer, shards, 16, lm.manifest["prefix_ids"], lm.manifest["suffix_ids"])
+    exs = build.neuron_examples(topk, n, docs)
+    _, test_i = build.split_examples(len(exs), 0.5, cfg["seed"], 1, n)
+    probe = build.LayerProbe(lm, 1)
     keys = n2g.TokenKeys(lm.tokenizer)
     test = [exs[i] for i in test_i]
     acts, _ = probe.run([probe.with_prefix(ex.ids) for ex in test], [n])
-    ev = n2g.evaluate_graph(g, [keys.keys(ex.ids) for ex in test], [a[:, 0] / a_max for a in acts], 0.5)
+    ev = build.evaluate_graph(g, [keys.keys(ex.ids) for ex in test], [a[:, 0] / a_max for a in acts], 0.5)
     for k in ("firing_true", "firing_pred", "nonfiring_true", "tokens"):
         assert ev[k] == row[k]
     for k in ("firing_recall", "nonfiring_precision"):
@@ -96,11 +98,14 @@ def test_feature_cluster_outputs(run):
     assert (R / "figures" / "feature_clusters" / "tgpt" / "fix.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("edit, must, must_not", [
-    (lambda c: c["feature_clusters"].update(threshold=0.3), {"feature_clusters"}, {"n2g_layer", "n2g_table"}),
-    (lambda c: c["n2g"].update(importance_threshold=0.6), {"n2g_layer", "n2g_table"}, {"feature_clusters"}),
-    (lambda c: c["n2g"]["augment"].update(substitutions=1), {"n2g_layer"}, {"feature_clusters"}),
-])
+@pytest.mark.parametrize(
+    "edit, must, must_not",
+    [
+        (lambda c: c["feature_clusters"].update(threshold=0.3), {"n2g_feature_clusters"}, {"n2g_layer", "n2g_table"}),
+        (lambda c: c["n2g"].update(importance_threshold=0.6), {"n2g_layer", "n2g_table"}, {"n2g_feature_clusters"}),
+        (lambda c: c["n2g"]["augment"].update(substitutions=1), {"n2g_layer"}, {"n2g_feature_clusters"}),
+    ],
+)
 def test_a_knob_reruns_only_its_own_stage(run, tmp_path, edit, must, must_not):
     work, cfg, R = run
     raw = yaml.safe_load((work / "tiny.yaml").read_text())

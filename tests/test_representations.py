@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from neuronatlas import representations as rp
-from neuronatlas import store, vectors
-from neuronatlas.errors import AssetMissingError, NeuronAtlasError
+from neuronatlas.clusters import representations as rp
+from neuronatlas.clusters import vectors
+from neuronatlas.core import store
+from neuronatlas.core.errors import AssetMissingError, NeuronAtlasError
 
 
 def make_store(path: Path, token_ids, counts, sums, model="m", dataset="d", site="mlp", shard=0) -> Path:
@@ -19,7 +20,9 @@ def make_store(path: Path, token_ids, counts, sums, model="m", dataset="d", site
     sums = np.asarray(sums, dtype=np.float64)
     L, V, W = sums.shape
     st = store.SiteStats(
-        np.asarray(token_ids, np.int64), np.asarray(counts, np.int64), sums,
+        np.asarray(token_ids, np.int64),
+        np.asarray(counts, np.int64),
+        sums,
         {n: np.zeros((L, W), np.int64 if n == "count" else np.float64) for n in store.NEURON_FIELDS},
         store.empty_topk(L, W, 2),
         {"model": model, "dataset": dataset, "site": site, "n_tokens": int(np.sum(counts)), "shard": shard},
@@ -69,22 +72,63 @@ def test_raw_from_several_stores_adds_them(tmp_path, tokenizers):
     np.testing.assert_allclose(rep.values[:, 2], (2 + 2) / 8)
 
 
-def test_write_read_roundtrip(tmp_path):
-    rep = rp.Representation(np.arange(12, dtype=np.float32).reshape(4, 3), np.array([5, 7, 9]), np.array([3, 2, 1]),
-                            ["a", "##b", "ç"], ["a", "b", "ç"], 2, 2, {"model": "m", "variant": "raw", "list": [1, 2]})
-    rp.write(tmp_path / "r.h5", rep)
-    back = rp.read(tmp_path / "r.h5")
-    np.testing.assert_array_equal(back.values, rep.values)
-    assert back.tokens == rep.tokens and back.text == rep.text and back.attrs["list"] == [1, 2]
-    meta = rp.read(tmp_path / "r.h5", values=False)
-    assert meta.values.size == 0 and list(meta.token_ids) == [5, 7, 9]
+class _Vectors:
+    """Word vectors of a few toy tokens (vectors.WordVectors' lookup interface)."""
+
+    name = "toy"
+
+    def lookup(self, words):
+        rng = np.random.default_rng(len(words))
+        table = {w: rng.standard_normal(4) for w in sorted(set(words))}
+        return np.stack([table[w] for w in words]), np.array([not w.startswith("t1") for w in words])
+
+
+def test_every_variant_read_back_from_its_file_and_stats_equals_the_one_built_in_memory(tmp_path, tokenizers):
+    """A representation file holds columns and recipe only; read() recomputes the values from stats.h5."""
+    rng = np.random.default_rng(1)
+    ids = [0, 10, 11, 12, 13, 57]
+    counts = [5, 3, 2, 9, 1, 4]
+    stats = make_store(tmp_path / "s.h5", ids, counts, rng.standard_normal((2, len(ids), 3)))
+    manifest = bert_manifest(tokenizers)
+    raw = rp.raw_from_store(stats, manifest, progress=False)
+    built = {"raw": raw, "filter": rp.frequency_filter(raw, 2)}
+    built["tfidf"] = rp.tfidf_representation(built["filter"], "clip")
+    built["smooth"] = rp.smooth_representation(built["filter"], _Vectors(), k=2, lam=0.5)
+    columns = rp.raw_from_store(stats, manifest, progress=False, values=False)
+    assert columns.values.size == 0 and list(columns.token_ids) == list(raw.token_ids)
+    recipes = {"raw": columns, "filter": rp.frequency_filter(columns, 2)}
+    recipes["tfidf"] = rp.tfidf_representation(recipes["filter"], "clip")
+    recipes["smooth"] = rp.smooth_representation(recipes["filter"], _Vectors(), k=2, lam=0.5)
+    for variant, rep in recipes.items():
+        path = tmp_path / f"{variant}.h5"
+        rp.write(path, rep)
+        back = rp.read(path, stats)
+        np.testing.assert_array_equal(back.values, built[variant].values, err_msg=variant)
+        assert list(back.token_ids) == list(built[variant].token_ids) and back.tokens == built[variant].tokens
+        assert back.attrs["variant"] == variant
+        meta = rp.read(path, values=False)
+        assert meta.values.size == 0 and list(meta.token_ids) == list(back.token_ids)
+    assert (tmp_path / "smooth.h5").stat().st_size < 20_000  # no (N, T) values on disk
+    with pytest.raises(NeuronAtlasError, match="needs its stats.h5"):
+        rp.read(tmp_path / "raw.h5")
+    other = make_store(tmp_path / "o.h5", [10, 11], [1, 1], np.ones((2, 2, 3)))
+    with pytest.raises(NeuronAtlasError, match="lacks token ids"):
+        rp.read(tmp_path / "raw.h5", other)
 
 
 def toy(values, counts=None) -> rp.Representation:
     values = np.asarray(values, np.float32)
     n, t = values.shape
-    return rp.Representation(values, np.arange(100, 100 + t), np.asarray(counts if counts is not None else [1] * t), [f"t{i}" for i in range(t)],
-                             [f"t{i}" for i in range(t)], 1, n, {})
+    return rp.Representation(
+        values,
+        np.arange(100, 100 + t),
+        np.asarray(counts if counts is not None else [1] * t),
+        [f"t{i}" for i in range(t)],
+        [f"t{i}" for i in range(t)],
+        1,
+        n,
+        {},
+    )
 
 
 def test_frequency_filter():
@@ -187,8 +231,12 @@ def _ref_hash(s: bytes) -> int:
 def _ref_ngrams(word: str, minn: int, maxn: int) -> list[bytes]:
     # ASCII-only reference: all substrings of <word> of length minn..maxn except the bare "<" and ">"
     w = f"<{word}>"
-    return [w[i:i + n].encode() for i in range(len(w)) for n in range(minn, maxn + 1)
-            if i + n <= len(w) and not (n == 1 and (i == 0 or i + n == len(w)))]
+    return [
+        w[i : i + n].encode()
+        for i in range(len(w))
+        for n in range(minn, maxn + 1)
+        if i + n <= len(w) and not (n == 1 and (i == 0 or i + n == len(w)))
+    ]
 
 
 def write_fasttext_bin(path: Path, words: list[str], dim: int, bucket: int, minn: int, maxn: int, seed: int = 0) -> np.ndarray:
@@ -230,8 +278,8 @@ def test_fasttext_bin_reader_matches_reference(tmp_path):
 
 
 def test_downloadable_vectors_resolve_to_the_fetched_path_and_fail_clearly_offline(tmp_path, monkeypatch):
-    from neuronatlas import vectors
-    from neuronatlas.errors import AssetMissingError
+    from neuronatlas.clusters import vectors
+    from neuronatlas.core.errors import AssetMissingError
 
     assert vectors.resolve("fasttext-cc-en-300", "res") == "res/vectors/fasttext-cc-en-300.bin"
     assert vectors.resolve("glove-6b-50d", "res") == "glove-6b-50d"

@@ -26,9 +26,10 @@ import pandas as pd
 import pytest
 import yaml
 
-import helpers
-from neuronatlas import store
 from neuronatlas.bench import dag as bdag
+from neuronatlas.core import store
+
+import helpers
 
 pytestmark = pytest.mark.slurm
 
@@ -81,8 +82,9 @@ def cluster():
             pytest.fail(f"starting the local SLURM cluster failed:\n{text[-4000:]}")
     started_s = time.perf_counter() - t0
     partition = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True).stdout.split()[0].rstrip("*")
-    accounts = subprocess.run(["sacctmgr", "-n", "-P", "-s", "list", "user", getpass.getuser(), "format=account"],
-                              capture_output=True, text=True).stdout.split()
+    accounts = subprocess.run(
+        ["sacctmgr", "-n", "-P", "-s", "list", "user", getpass.getuser(), "format=account"], capture_output=True, text=True
+    ).stdout.split()
     yield {"partition": partition, "account": accounts[0] if accounts else "root", "start_s": started_s}
     if not was_up:
         subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, text=True, timeout=300)
@@ -93,13 +95,15 @@ def _site_profile(tmp: Path, cluster: dict, work: Path, gpu_rules: set[str]) -> 
     prof = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
     prof["default-resources"].update(slurm_partition=cluster["partition"], slurm_account=cluster["account"])
     prof["set-resources"] = {rule: {"gpu": 0} for rule in sorted(gpu_rules)}
-    prof.update({
-        "jobs": 4,
-        "retries": 0,                                 # a failure must surface at once
-        "slurm-logdir": str(work / "slurm_logs"),
-        "slurm-init-seconds-before-status-checks": 2,  # tiny jobs: poll sacct often
-        "seconds-between-status-checks": 3,
-    })
+    prof.update(
+        {
+            "jobs": 4,
+            "retries": 0,  # a failure must surface at once
+            "slurm-logdir": str(work / "slurm_logs"),
+            "slurm-init-seconds-before-status-checks": 2,  # tiny jobs: poll sacct often
+            "seconds-between-status-checks": 3,
+        }
+    )
     out = tmp / "profile"
     out.mkdir()
     (out / "config.yaml").write_text(yaml.safe_dump(prof))
@@ -107,16 +111,36 @@ def _site_profile(tmp: Path, cluster: dict, work: Path, gpu_rules: set[str]) -> 
 
 
 def _run(work: Path, profile: Path, *args: str) -> tuple[subprocess.CompletedProcess, float]:
-    cmd = ["timeout", "-k", "30", str(RUN_LIMIT_S), sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
-           "-d", str(work), "--configfile", str(work / "tiny.yaml"), "--profile", str(profile), *args]
+    cmd = [
+        "timeout",
+        "-k",
+        "30",
+        str(RUN_LIMIT_S),
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(work),
+        "--configfile",
+        str(work / "tiny.yaml"),
+        "--profile",
+        str(profile),
+        *args,
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
     return proc, time.perf_counter() - t0
 
 
 def _sacct(run_id: str) -> dict[str, tuple[str, str]]:
-    out = subprocess.run(["sacct", "-n", "-X", "-P", f"--name={run_id}", "-S", "now-1days", "-o", "JobID,State,ExitCode"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", f"--name={run_id}", "-S", "now-1days", "-o", "JobID,State,ExitCode"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return {row.split("|")[0]: (row.split("|")[1], row.split("|")[2]) for row in out.splitlines() if row.strip()}
 
 
@@ -172,8 +196,12 @@ def test_tiny_dag_through_slurm_equals_local_run(cluster, tiny_dag, tmp_path, to
     cfg = helpers.tiny_config(work, tokenizers)  # the local run's config (device auto), other results_dir
     (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     R = Path(cfg["results_dir"])
-    targets = [str(R / m / d / s / "activations" / "stats.h5") for m in ("tbert", "tgpt")
-               for d in cfg["models"][m]["datasets"] for s in cfg["models"][m]["sites"]]
+    targets = [
+        str(R / m / d / s / "activations" / "stats.h5")
+        for m in ("tbert", "tgpt")
+        for d in cfg["models"][m]["datasets"]
+        for s in cfg["models"][m]["sites"]
+    ]
     # device auto makes model jobs request a GPU; this node has none, so the site profile sets gpu: 0 for them
     gpu_rules = {j.rule for j in bdag.dry_run(work, work / "tiny.yaml", *targets).jobs if j.res.get("gpu", "0") not in ("", "0")}
     profile = _site_profile(tmp_path, cluster, work, gpu_rules)
@@ -198,7 +226,7 @@ def test_tiny_dag_through_slurm_equals_local_run(cluster, tiny_dag, tmp_path, to
     shard = R / "corpora" / "notes" / "shards" / "shard-0.parquet"
     shard.write_bytes(b"not a parquet file")
     target = R / "tgpt" / "notes" / "mlp" / "activations" / "stats.h5"
-    proc, seconds = _run(work, profile, "--forcerun", "extract_activations_tgpt", str(target))
+    proc, seconds = _run(work, profile, "--forcerun", "extract_activations", str(target))
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0, text[-4000:]
     rule_log = R / "logs" / "extract_activations" / "tgpt" / "notes" / "shard-0.log"

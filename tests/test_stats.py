@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
+from neuronatlas.core import extract, kernels, models, store
+
 import helpers
-from neuronatlas import corpus, extract, kernels, models, store
 
 # Module names typed out here on purpose: the reference must not reuse the adapter table.
 NAIVE_MODULES = {
@@ -29,8 +30,15 @@ NAIVE_MODULES = {
 
 def _docs() -> pd.DataFrame:
     texts = helpers.fixture_texts()
-    return pd.DataFrame({"doc_id": np.arange(100, 100 + len(texts)), "key": [f"d{i}" for i in range(len(texts))],
-                         "text": texts, "label": None, "n_words": [len(t.split()) for t in texts]})
+    return pd.DataFrame(
+        {
+            "doc_id": np.arange(100, 100 + len(texts)),
+            "key": [f"d{i}" for i in range(len(texts))],
+            "text": texts,
+            "label": None,
+            "n_words": [len(t.split()) for t in texts],
+        }
+    )
 
 
 def naive_site_activations(lm: models.LoadedModel, arch: str, site: str, frame: pd.DataFrame, max_length: int):
@@ -53,7 +61,11 @@ def naive_site_activations(lm: models.LoadedModel, arch: str, site: str, frame: 
                 if pre:
                     handles.append(mod.register_forward_pre_hook(lambda m, a, i=i: acts.__setitem__(i, a[0][0].clone())))
                 else:
-                    handles.append(mod.register_forward_hook(lambda m, a, o, i=i: acts.__setitem__(i, (o[0] if isinstance(o, tuple) else o)[0].clone())))
+                    handles.append(
+                        mod.register_forward_hook(
+                            lambda m, a, o, i=i: acts.__setitem__(i, (o[0] if isinstance(o, tuple) else o)[0].clone())
+                        )
+                    )
             with torch.no_grad():
                 lm.model(input_ids=torch.tensor([full]), attention_mask=torch.ones(1, len(full), dtype=torch.long))
             for h in handles:
@@ -65,8 +77,10 @@ def naive_site_activations(lm: models.LoadedModel, arch: str, site: str, frame: 
     return out
 
 
-FUSED = [pytest.param(True, id="numba", marks=pytest.mark.skipif(not kernels.available(), reason="numba not installed")),
-         pytest.param(False, id="torch")]
+FUSED = [
+    pytest.param(True, id="numba", marks=pytest.mark.skipif(not kernels.available(), reason="numba not installed")),
+    pytest.param(False, id="torch"),
+]
 
 
 @pytest.mark.parametrize("fused", FUSED)
@@ -90,7 +104,7 @@ def test_statistics_equal_naive_reference(tiny_models, arch, site, fused):
         have = got.token_sum[layer] / got.token_count[:, None]
         np.testing.assert_allclose(have, expect, rtol=1e-5, atol=1e-5)
     counts = {}
-    for (_, _, ids, _, _, _) in ref:
+    for _, _, ids, _, _, _ in ref:
         for t in ids:
             counts[int(t)] = counts.get(int(t), 0) + 1
     assert got.token_count.tolist() == [counts[t] for t in got.token_ids.tolist()]
@@ -236,8 +250,9 @@ def test_padding_invariance(tiny_models, arch, fused):
 def _write_shards(lm, frames, tmp: Path, tag: str, k=4, dtype="float64"):
     paths = []
     for i, frame in enumerate(frames):
-        st = extract.extract(lm, frame, ["mlp"], max_length=16, batch_tokens=64, top_k=k, progress=False,
-                             attrs={"model": "m", "dataset": "d", "shard": i})["mlp"]
+        st = extract.extract(
+            lm, frame, ["mlp"], max_length=16, batch_tokens=64, top_k=k, progress=False, attrs={"model": "m", "dataset": "d", "shard": i}
+        )["mlp"]
         p = tmp / f"{tag}-{i}.h5"
         store.write(p, st, token_sum_dtype=dtype)
         paths.append(p)
@@ -283,7 +298,9 @@ def test_merge_counts_repeated_inputs(tiny_models, tmp_path):
 
 def test_store_roundtrip_and_readers(tiny_models, tmp_path):
     lm = models.load(tiny_models["bert"], "cpu", "float32")
-    st = extract.extract(lm, _docs(), ["residual"], max_length=16, top_k=3, progress=False, attrs={"model": "m", "dataset": "d", "shard": 0})["residual"]
+    st = extract.extract(
+        lm, _docs(), ["residual"], max_length=16, top_k=3, progress=False, attrs={"model": "m", "dataset": "d", "shard": 0}
+    )["residual"]
     store.write(tmp_path / "s.h5", st, compression="gzip", token_sum_dtype="float64")
     with store.open_store(tmp_path / "s.h5") as s:
         back = s.load()

@@ -7,16 +7,18 @@ import shutil
 import h5py
 import numpy as np
 import pytest
-
-from neuronatlas import extract, models, store
-from neuronatlas.errors import CorruptStoreError, NeuronAtlasError
 from test_stats import _docs
+
+from neuronatlas.core import extract, models, store
+from neuronatlas.core.errors import CorruptStoreError, NeuronAtlasError
 
 
 @pytest.fixture()
 def shard_file(tiny_models, tmp_path):
     lm = models.load(tiny_models["bert"], "cpu", "float32")
-    st = extract.extract(lm, _docs(), ["mlp"], max_length=16, top_k=3, progress=False, attrs={"model": "m", "dataset": "d", "shard": 0})["mlp"]
+    st = extract.extract(lm, _docs(), ["mlp"], max_length=16, top_k=3, progress=False, attrs={"model": "m", "dataset": "d", "shard": 0})[
+        "mlp"
+    ]
     path = tmp_path / "shard-0.h5"
     store.write(path, st, compression="none")
     return path
@@ -82,10 +84,18 @@ def test_merging_different_sites_is_refused(shard_file, tmp_path):
 
 def test_topk_merge_orders_ties_by_document():
     k = 3
-    a = {"activation": np.array([[[5.0, 1.0, -np.inf]]], np.float32), "doc_id": np.array([[[7, 3, -1]]]),
-         "position": np.array([[[1, 2, -1]]], np.int32), "start": np.array([[[0, 0, -1]]], np.int32)}
-    b = {"activation": np.array([[[5.0, 4.0, 1.0]]], np.float32), "doc_id": np.array([[[2, 9, 1]]]),
-         "position": np.array([[[4, 5, 6]]], np.int32), "start": np.array([[[0, 0, 0]]], np.int32)}
+    a = {
+        "activation": np.array([[[5.0, 1.0, -np.inf]]], np.float32),
+        "doc_id": np.array([[[7, 3, -1]]]),
+        "position": np.array([[[1, 2, -1]]], np.int32),
+        "start": np.array([[[0, 0, -1]]], np.int32),
+    }
+    b = {
+        "activation": np.array([[[5.0, 4.0, 1.0]]], np.float32),
+        "doc_id": np.array([[[2, 9, 1]]]),
+        "position": np.array([[[4, 5, 6]]], np.int32),
+        "start": np.array([[[0, 0, 0]]], np.int32),
+    }
     ab, ba = store.merge_topk([a, b], k), store.merge_topk([b, a], k)
     for n in ab:
         np.testing.assert_array_equal(ab[n], ba[n])
@@ -97,10 +107,10 @@ def test_job_log_records_duration_cpu_and_peak_rss(tmp_path):
     """A job's log ends with its duration, its process CPU seconds and peak RSS (how well it used its threads)."""
     import re
 
-    from neuronatlas import jobs
+    from neuronatlas.core.job_log import logged
 
     log = tmp_path / "logs" / "job.log"
-    with jobs.logged(log):
+    with logged(log):
         block = bytearray(30_000_000)  # 30 MB held while the job runs
         print("working", len(block))
     last = log.read_text().strip().splitlines()[-1]

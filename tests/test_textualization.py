@@ -10,11 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
+from neuronatlas.core import adapters, models, tables
+from neuronatlas.core.errors import ConfigError, NeuronAtlasError
+from neuronatlas.textualization import dag as textualization_dag
+from neuronatlas.textualization import optimization as tz
+from neuronatlas.textualization import paper_tables
+
 import helpers
-from neuronatlas import adapters, models
-from neuronatlas import textualization as tz
-from neuronatlas import textualization_jobs as tzj
-from neuronatlas.errors import ConfigError, NeuronAtlasError
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +39,26 @@ def _direct_ffn_out(tx, inputs_embeds=None, input_ids=None):
 # ----------------------------------------------------------------------------- vocabulary
 
 
-@pytest.mark.parametrize("token,latin", [
-    ("hello", True), ("##ing", True), ("café", True), ("über", True), ("straße", True), ("1987", True), ("!", True), ("##", True),
-    ("北", False), ("£", False), ("α", False), ("\u0f0b", False), ("##ы", False), ("°", False), ("½", False),
-])
+@pytest.mark.parametrize(
+    "token,latin",
+    [
+        ("hello", True),
+        ("##ing", True),
+        ("café", True),
+        ("über", True),
+        ("straße", True),
+        ("1987", True),
+        ("!", True),
+        ("##", True),
+        ("北", False),
+        ("£", False),
+        ("α", False),
+        ("\u0f0b", False),
+        ("##ы", False),
+        ("°", False),
+        ("½", False),
+    ],
+)
 def test_is_latin(token, latin):
     assert tz.is_latin(token) is latin
 
@@ -158,8 +176,18 @@ def _reference_ascent(tx, x0, layers, index, steps, lr, optimizer):
 def test_gradients_reach_only_the_optimised_positions(tx, optimizer, lr):
     layers, index = [1, 0, 1], [4, 10, 20]
     seeds = tz.row_seeds(0, 1, range(3))
-    res = tz.maximise(tx, tz.Targets.singles(layers, index), seeds, steps=4, lr=lr, optimizer=optimizer, init="normal",
-                      init_scale=0.1, batch_size=8, progress=False)
+    res = tz.maximise(
+        tx,
+        tz.Targets.singles(layers, index),
+        seeds,
+        steps=4,
+        lr=lr,
+        optimizer=optimizer,
+        init="normal",
+        init_scale=0.1,
+        batch_size=8,
+        progress=False,
+    )
     x0 = tx.init_inputs(seeds, "normal", 0.1)
     ref, frozen_grad = _reference_ascent(tx, x0, layers, index, 4, lr, optimizer)
     # the frozen rows do receive gradient (they are inputs of attention): zeroing it is what keeps them fixed
@@ -187,8 +215,18 @@ def test_cls_and_sep_stay_one_hot(tx):
 
     handle = tx.embeddings.register_forward_pre_hook(spy, with_kwargs=True)
     try:
-        res = tz.maximise(tx, tz.Targets.singles([0, 1], [2, 3]), tz.row_seeds(0, 1, [0, 1]), steps=5, lr=10.0,
-                          optimizer="sgd", init="normal", init_scale=0.1, batch_size=2, progress=False)
+        res = tz.maximise(
+            tx,
+            tz.Targets.singles([0, 1], [2, 3]),
+            tz.row_seeds(0, 1, [0, 1]),
+            steps=5,
+            lr=10.0,
+            optimizer="sgd",
+            init="normal",
+            init_scale=0.1,
+            batch_size=2,
+            progress=False,
+        )
     finally:
         handle.remove()
     assert len(seen) >= 5
@@ -205,18 +243,33 @@ def test_optimisation_increases_the_target_activation(tx):
     layers = [0] * 4 + [1] * 4
     index = [0, 5, 11, 23] * 2
     targets = tz.Targets.singles(layers, index)
-    res = tz.maximise(tx, targets, tz.row_seeds(0, 1, range(8)), steps=30, lr=100.0, optimizer="sgd", init="normal",
-                      init_scale=1.0, batch_size=8, history_every=10, progress=False)
+    res = tz.maximise(
+        tx,
+        targets,
+        tz.row_seeds(0, 1, range(8)),
+        steps=30,
+        lr=100.0,
+        optimizer="sgd",
+        init="normal",
+        init_scale=1.0,
+        batch_size=8,
+        history_every=10,
+        progress=False,
+    )
     assert np.all(res.activation > res.initial)
     assert res.activation.mean() > 2 * np.abs(res.initial).mean() + res.initial.mean()
     # the reported final activation is that of the returned x
     with torch.no_grad():
         full = _direct_ffn_out(tx, inputs_embeds=tx.inputs_embeds(tx.static(torch.from_numpy(res.x))))
-    np.testing.assert_allclose(res.activation, full[torch.arange(8), torch.tensor(layers), torch.tensor(index)].numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        res.activation, full[torch.arange(8), torch.tensor(layers), torch.tensor(index)].numpy(), rtol=1e-4, atol=1e-4
+    )
     assert list(res.history_steps) == [0, 10, 20, 30]
     np.testing.assert_allclose(res.history[0], res.initial)
     # every neuron: the optimised input beats the best single word
-    scan = tz.scan_vocabulary(tx, tz.candidate_ids(tz.vocabulary_table(tx.lm.tokenizer, tx.lm.manifest["special_ids"]), False), 1, progress=False)
+    scan = tz.scan_vocabulary(
+        tx, tz.candidate_ids(tz.vocabulary_table(tx.lm.tokenizer, tx.lm.manifest["special_ids"]), False), 1, progress=False
+    )
     assert np.all(res.activation > scan.max_act[layers, index])
 
 
@@ -300,10 +353,10 @@ def test_closest_words_and_rank_match_numpy():
 
 def test_sample_neurons_is_seeded_and_per_layer():
     a = tz.sample_neurons(3, 50, 0.1, 0, shared=True)
-    assert len(a) == 15 and [l for l, _ in a] == [0] * 5 + [1] * 5 + [2] * 5
-    assert [i for l, i in a if l == 0] == [i for l, i in a if l == 2]
+    assert len(a) == 15 and [layer for layer, _ in a] == [0] * 5 + [1] * 5 + [2] * 5
+    assert [i for layer, i in a if layer == 0] == [i for layer, i in a if layer == 2]
     b = tz.sample_neurons(3, 50, 0.1, 0, shared=False)
-    assert len(b) == 15 and [i for l, i in b if l == 0] != [i for l, i in b if l == 2]
+    assert len(b) == 15 and [i for layer, i in b if layer == 0] != [i for layer, i in b if layer == 2]
     assert a == tz.sample_neurons(3, 50, 0.1, 0, shared=True) != tz.sample_neurons(3, 50, 0.1, 1, shared=True)
     assert len(tz.sample_neurons(12, 768, 0.1, 0, True)) == 924  # the paper's 77 per layer
 
@@ -321,14 +374,23 @@ def test_trend_and_mean_sd():
 
 
 def test_group_tables_on_a_hand_made_frame():
-    g = pd.DataFrame({
-        "selection": ["absolute"] * 2 + ["relative"] * 4, "k": [2, 2, 2, 2, 5, 5], "token": list("abcdef"), "kind": "random",
-        "cos_target": [0.1, 0.3, 0.2, 0.4, 0.5, 0.7], "act_optimized": [3.0, 5.0, 2.0, 2.0, 1.0, 1.0],
-        "act_target": [1.0, 1.0, 0.5, 0.5, 0.4, 0.6], "act_initial": [0.0, 6.0, 0, 0, 0, 0], "target_rank": [1, 30, 1, 2, 1, 1], "closest_words": "x (0.1)",
-    })
+    g = pd.DataFrame(
+        {
+            "selection": ["absolute"] * 2 + ["relative"] * 4,
+            "k": [2, 2, 2, 2, 5, 5],
+            "token": list("abcdef"),
+            "kind": "random",
+            "cos_target": [0.1, 0.3, 0.2, 0.4, 0.5, 0.7],
+            "act_optimized": [3.0, 5.0, 2.0, 2.0, 1.0, 1.0],
+            "act_target": [1.0, 1.0, 0.5, 0.5, 0.4, 0.6],
+            "act_initial": [0.0, 6.0, 0, 0, 0, 0],
+            "target_rank": [1, 30, 1, 2, 1, 1],
+            "closest_words": "x (0.1)",
+        }
+    )
     g["target_is_closest"] = g["target_rank"] == 1
     g["target_in_top_20"] = g["target_rank"] <= 20
-    tabs, k = tzj.group_tables(g, 20, 3, None)
+    tabs, k = paper_tables.group_tables(g, 20, 3, None)
     assert k == 5  # relative, k=5: 100% closest
     t3 = tabs["table3"].set_index(["selection", "k"])
     assert t3.loc[("absolute", 2), "cos_target_mean"] == pytest.approx(0.2)
@@ -338,7 +400,7 @@ def test_group_tables_on_a_hand_made_frame():
     assert t4.loc[("absolute", 2), "target_is_closest_pct"] == 50 and t4.loc[("absolute", 2), "target_in_top_20_pct"] == 50
     assert t4.loc[("relative", 2), "target_in_top_20_pct"] == 100
     assert list(tabs["table5"]["target_word"]) == ["e", "f"]
-    md = tzj.markdown_table(tabs["table4"], "T4")
+    md = tables.markdown(tabs["table4"], title="T4", float_format="{:.3f}")
     assert md.startswith("### T4") and "| relative | 5 |" in md
 
 
@@ -346,7 +408,7 @@ def test_group_tables_on_a_hand_made_frame():
 
 
 def _cfg(tmp_path, tokenizers, **tz_section):
-    from neuronatlas import config as nacfg
+    from neuronatlas.core import config as nacfg
 
     cfg = helpers.tiny_config(tmp_path, tokenizers)
     cfg["textualization"] = {"models": ["tbert"], **tz_section}
@@ -354,7 +416,7 @@ def _cfg(tmp_path, tokenizers, **tz_section):
 
 
 def test_config_checks(tmp_path, tokenizers):
-    tzj.check_config(_cfg(tmp_path, tokenizers, groups={"k": [2]}))
+    textualization_dag.check_config(_cfg(tmp_path, tokenizers, groups={"k": [2]}))
     bad = [
         ({"models": ["nope"]}, "textualization.models"),
         ({"models": ["tgpt"]}, "not BERT-family"),
@@ -366,27 +428,43 @@ def test_config_checks(tmp_path, tokenizers):
     ]
     for section, match in bad:
         with pytest.raises(ConfigError, match=match):
-            tzj.check_config(_cfg(tmp_path, tokenizers, **section))
+            textualization_dag.check_config(_cfg(tmp_path, tokenizers, **section))
 
 
 def test_resources_grow_with_the_work(tmp_path, tokenizers):
     small = _cfg(tmp_path, tokenizers, steps=10, groups={"k": [2]})
     big = _cfg(tmp_path, tokenizers, steps=100000, groups={"k": [2]})
     for job in ("scan", "targets", "single", "group", "tables"):
-        r = tzj.resources(small, "tbert", job, gpu=False)
+        r = textualization_dag.resources({**small, "device": "cpu"}, "tbert", job)
         assert r["mem_mb"] > 0 and r["runtime"] >= 10
-    assert tzj.resources(big, "tbert", "single", False)["runtime"] >= tzj.resources(small, "tbert", "single", False)["runtime"]
+    assert (
+        textualization_dag.resources({**big, "device": "cpu"}, "tbert", "single")["runtime"]
+        >= textualization_dag.resources({**small, "device": "cpu"}, "tbert", "single")["runtime"]
+    )
 
 
 def test_single_tables_on_a_hand_made_frame():
     rows = []
     for layer in range(3):
         for i in (2, 5, 9):
-            rows.append({"layer": layer, "index": i, "act_optimized": 10.0 - layer, "act_initial": 0.0 if i != 9 else 20.0,
-                         "act_word": 1.0, "cos_closest": 0.1 + 0.01 * layer, "cos_word_closest": 1.0, "norm_optimized": 12.0,
-                         "norm_word": 10.0, "closest_is_most_activating": i == 2, "word": "w",
-                         **{f"closest_{j}": f"c{j}" for j in (1, 2, 3)}, **{f"closest_{j}_cos": 0.1 for j in (1, 2, 3)}})
-    tabs = tzj.single_tables(pd.DataFrame(rows), examples=2, seed=0)
+            rows.append(
+                {
+                    "layer": layer,
+                    "index": i,
+                    "act_optimized": 10.0 - layer,
+                    "act_initial": 0.0 if i != 9 else 20.0,
+                    "act_word": 1.0,
+                    "cos_closest": 0.1 + 0.01 * layer,
+                    "cos_word_closest": 1.0,
+                    "norm_optimized": 12.0,
+                    "norm_word": 10.0,
+                    "closest_is_most_activating": i == 2,
+                    "word": "w",
+                    **{f"closest_{j}": f"c{j}" for j in (1, 2, 3)},
+                    **{f"closest_{j}_cos": 0.1 for j in (1, 2, 3)},
+                }
+            )
+    tabs = paper_tables.single_tables(pd.DataFrame(rows), examples=2, seed=0)
     t1 = tabs["table1"].set_index("metric")
     assert t1.loc["activation strength", "optimized_mean"] == pytest.approx(9.0)
     assert t1.loc["closest word is the most activating word (share of neurons)", "optimized_mean"] == pytest.approx(1 / 3)

@@ -12,11 +12,13 @@ import pytest
 import torch
 import yaml
 
-import helpers
-from neuronatlas import adapters, corpus, models
-from neuronatlas import textualization as tz
-from neuronatlas import textualization_jobs as tzj
 from neuronatlas.bench import dag as bdag
+from neuronatlas.core import adapters, corpus, models
+from neuronatlas.textualization import dag as textualization_dag
+from neuronatlas.textualization import jobs as textualization_jobs
+from neuronatlas.textualization import optimization as tz
+
+import helpers
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +38,20 @@ def _word_acts(tx, token_id):
 
 def test_outputs_exist_and_are_registered(run):
     work, cfg, R, _ = run
-    for path in list(tzj.table_paths(cfg, str(R), "tbert").values()) + list(tzj.figure_paths(cfg, str(R), "tbert").values()):
+    for path in list(textualization_dag.table_paths(cfg, str(R), "tbert").values()) + list(
+        textualization_dag.figure_paths(cfg, str(R), "tbert").values()
+    ):
         assert Path(path).exists() and Path(path).stat().st_size > 0, path
-    for name in ("word_scan.h5", "target_words.csv", "single/neurons.csv", "single/optimized.h5", "single/pca.parquet",
-                 "groups/k3.csv", "groups/k3-neurons.csv", "groups/k3.h5"):
+    for name in (
+        "word_scan.h5",
+        "target_words.csv",
+        "single/neurons.csv",
+        "single/optimized.h5",
+        "single/pca.parquet",
+        "groups/k3.csv",
+        "groups/k3-neurons.csv",
+        "groups/k3.h5",
+    ):
         assert (R / "tbert" / "textualization" / name).exists(), name
     for rule in ("textualization_scan", "textualization_single", "textualization_tables"):
         assert any((R / "logs" / rule).rglob("*.log")) and any((R / "benchmarks" / rule).rglob("*.tsv"))
@@ -97,7 +109,7 @@ def test_groups_select_the_right_neurons(run):
     members = pd.read_csv(d / "groups" / "k3-neurons.csv", keep_default_na=False)
     words = pd.read_csv(d / "target_words.csv", keep_default_na=False)
     assert len(groups) == len(words) * 2 and set(groups.selection) == {"absolute", "relative"}
-    scan = tzj.read_scan(str(d / "word_scan.h5"))
+    scan = textualization_jobs.read_scan(str(d / "word_scan.h5"))
     for t in words.token_id[:3]:
         a = _word_acts(tx, t).reshape(-1)
         for sel in ("absolute", "relative"):

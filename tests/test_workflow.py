@@ -7,9 +7,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from neuronatlas.core import config as nacfg
+from neuronatlas.core import corpus, extract, models, store
+
 import helpers
-from neuronatlas import config as nacfg
-from neuronatlas import corpus, extract, models, store
 
 REPO = helpers.REPO
 
@@ -27,7 +28,7 @@ def test_dag_produces_every_stats_file(tiny_run):
     summary = pd.read_csv(R / "summary" / "activations.csv")
     assert len(summary) == len(nacfg.grid(cfg)) == 9  # 7 text + the modularity stage's two tiny ViTs (mlp on fimg)
     # eval shard 2 of `fix` is held out: never extracted, never merged
-    assert not list((R / "tbert" / "fix" / "mlp" / "activations").glob("shard-2.h5"))
+    assert not list((R / "tbert" / "fix" / "activations").glob("shard-2.h5"))
     assert set(summary.loc[summary.dataset == "fix", "shards"]) == {"0 1"}
     for sub in ("logs", "benchmarks"):
         assert any((R / sub).rglob("*"))
@@ -41,8 +42,16 @@ def test_dag_stats_equal_direct_library_computation(tiny_run):
     frames = [corpus.read_shard(R / "corpora" / "fix" / "shards" / f"shard-{i}.parquet") for i in (0, 1)]
     paths = []
     for i, frame in enumerate(frames):
-        st = extract.extract(lm, frame, ["mlp"], max_length=spec["max_length"], batch_tokens=spec["batch_tokens"],
-                             top_k=cfg["activations"]["top_k"], progress=False, attrs={"model": "tgpt", "dataset": "fix", "shard": i})["mlp"]
+        st = extract.extract(
+            lm,
+            frame,
+            ["mlp"],
+            max_length=spec["max_length"],
+            batch_tokens=spec["batch_tokens"],
+            top_k=cfg["activations"]["top_k"],
+            progress=False,
+            attrs={"model": "tgpt", "dataset": "fix", "shard": i},
+        )["mlp"]
         paths.append(work / f"direct-{i}.h5")
         store.write(paths[-1], st)
     store.merge(paths, work / "direct.h5")

@@ -11,7 +11,7 @@ import yaml
 
 
 def _results_dir(configfile: str | None) -> Path:
-    from . import config as nacfg
+    from neuronatlas.core import config as nacfg
 
     path = Path(configfile or nacfg.REPO_ROOT / "config" / "demo.yaml")
     cfg = nacfg.load(path)
@@ -40,7 +40,7 @@ def summary(configfile: str | None = None) -> int:
 
 def validate(configfile: str) -> int:
     """Validate a config file and print the filled-in result."""
-    from . import config as nacfg
+    from neuronatlas.core import config as nacfg
 
     cfg = nacfg.load(configfile)
     yaml.safe_dump(cfg, sys.stdout, sort_keys=False)

@@ -1,118 +1,142 @@
-# Models and activation statistics: prepare each model once, one extraction job per
-# (model, dataset, shard) recording all of the model's sites in one forward pass, then one merge
-# per (model, dataset, site) into stats.h5.
+# Activations (docs/methods/activations.md): corpora, models and the sufficient statistics every method reads.
+#   shard_corpus           per dataset: sampled, capped documents split into Parquet shards + a manifest
+#   prepare_model          per model: resolve / convert / initialise it; a manifest of how to load it
+#   fit_mlm_head           per model in mlm_head.models: an MLM head fitted on the frozen encoder
+#   extract_activations    per (model, dataset, shard): one forward pass, every site's statistics in one file
+#   merge_activations      per (model, dataset, site): the held-in shards' statistics -> stats.h5
+#   summarize_activations  one table of every stats.h5
+import neuronatlas.activations.dag as activations_dag
+
+activations_dag.check_config(config)
 
 
-rule train_model:
-    input:
-        train=lambda wc: f"{corpus_dir(MODELS[wc.model]['train']['dataset'])}/shards",
-        test=lambda wc: f"{corpus_dir(MODELS[wc.model]['train']['eval_dataset'])}/shards",
+rule shard_corpus:
     output:
-        directory(f"{R}/models/{{model}}/trained"),
-    params:
-        model=lambda wc: train_params(wc.model),
+        shards=directory(paths.corpus(R, "{dataset}")["shards"]),
+        manifest=paths.corpus(R, "{dataset}")["manifest"],
     log:
-        f"{R}/logs/train_model/{{model}}.log",
+        log_path("shard_corpus", "{dataset}"),
     benchmark:
-        f"{R}/benchmarks/train_model/{{model}}.tsv"
-    threads: config["threads"]
-    resources:
-        mem_mb=lambda wc: nares.train(MODELS, DATASETS, wc.model, USE_GPU)["mem_mb"],
-        runtime=lambda wc: nares.train(MODELS, DATASETS, wc.model, USE_GPU)["runtime"],
-        gpu=1 if USE_GPU else 0,
+        benchmark_path("shard_corpus", "{dataset}")
     conda:
-        "../../envs/cuda.yaml" if USE_GPU else "../../envs/cpu.yaml"
+        CPU_ENV
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: activations_dag.shard_corpus_resources(config, wc.dataset, attempt)["mem_mb"],
+        runtime=lambda wc, attempt: activations_dag.shard_corpus_resources(config, wc.dataset, attempt)["runtime"],
+    params:
+        corpus=lambda wc: activations_dag.shard_params(config, wc.dataset),
     script:
-        "../scripts/train_model.py"
+        "../scripts/shard_corpus.py"
 
 
 rule prepare_model:
     input:
-        init_from=init_from_manifest,
-        trained=trained_model_dir,
+        unpack(lambda wc: activations_dag.prepare_inputs(config, wc.model)),
     output:
-        manifest=f"{R}/models/{{model}}/manifest.json",
-        weights=directory(f"{R}/models/{{model}}/weights"),
-    params:
-        model=lambda wc: nacfg.model_params(config, wc.model),
+        manifest=paths.model(R, "{model}")["manifest"],
+        weights=directory(paths.model(R, "{model}")["weights"]),
     log:
-        f"{R}/logs/prepare_model/{{model}}.log",
+        log_path("prepare_model", "{model}"),
     benchmark:
-        f"{R}/benchmarks/prepare_model/{{model}}.tsv"
+        benchmark_path("prepare_model", "{model}")
+    conda:
+        CPU_ENV
     threads: 1
     resources:
-        mem_mb=lambda wc: nares.prepare(MODELS, wc.model)["mem_mb"],
-        runtime=lambda wc: nares.prepare(MODELS, wc.model)["runtime"],
-    conda:
-        "../../envs/cpu.yaml"
+        mem_mb=lambda wc, attempt: activations_dag.prepare_resources(config, wc.model, attempt)["mem_mb"],
+        runtime=lambda wc, attempt: activations_dag.prepare_resources(config, wc.model, attempt)["runtime"],
+    params:
+        model=lambda wc: core_config.model_params(config, wc.model),
     script:
         "../scripts/prepare_model.py"
 
 
-# One rule per model: its output files are the model's sites, which differ between models,
-# and all of them come out of the same forward pass.
-for _model, _spec in MODELS.items():
+rule fit_mlm_head:
+    input:
+        unpack(lambda wc: activations_dag.head_inputs(config, wc.model)),
+    output:
+        head=directory(paths.model(R, "{model}")["mlm_head"]),
+        metrics=paths.model(R, "{model}")["mlm_head_metrics"],
+    log:
+        log_path("fit_mlm_head", "{model}"),
+    benchmark:
+        benchmark_path("fit_mlm_head", "{model}")
+    conda:
+        MODEL_ENV
+    threads: config["threads"]
+    resources:
+        mem_mb=lambda wc, input, attempt: activations_dag.head_resources(config, wc.model, input, attempt)["mem_mb"],
+        runtime=lambda wc, input, attempt: activations_dag.head_resources(config, wc.model, input, attempt)["runtime"],
+        gpu=GPUS,
+    params:
+        fit=lambda wc: activations_dag.head_params(config, wc.model),
+    script:
+        "../scripts/fit_mlm_head.py"
 
-    rule:
-        name:
-            f"extract_activations_{_model}"
-        input:
-            shards=f"{R}/corpora/{{dataset}}/shards",
-            manifest=f"{R}/models/{_model}/manifest.json",
-        output:
-            **{site: shard_output(f"{R}/{_model}/{{dataset}}/{site}/activations/shard-{{shard}}.h5") for site in _spec["sites"]},
-        wildcard_constraints:
-            dataset="|".join(_spec["datasets"]),
-        params:
-            model=_model,
-            extraction=extraction_params(_model),
-        log:
-            f"{R}/logs/extract_activations/{_model}/{{dataset}}/shard-{{shard}}.log",
-        benchmark:
-            f"{R}/benchmarks/extract_activations/{_model}/{{dataset}}/shard-{{shard}}.tsv"
-        threads: config["threads"]
-        # model passes first: every later stage fans out from them, so the run's tail overlaps instead of
-        # waiting for a late extraction (the demo's last Gemma shard used to start 24 minutes in)
-        priority: 10
-        resources:
-            mem_mb=lambda wc, m=_model: nares.extraction(MODELS, DATASETS, m, wc.dataset, USE_GPU)["mem_mb"],
-            runtime=lambda wc, m=_model: nares.extraction(MODELS, DATASETS, m, wc.dataset, USE_GPU)["runtime"],
-            gpu=1 if USE_GPU else 0,
-        conda:
-            "../../envs/cuda.yaml" if USE_GPU else "../../envs/cpu.yaml"
-        script:
-            "../scripts/extract_activations.py"
+
+rule extract_activations:
+    input:
+        unpack(lambda wc: activations_dag.extraction_inputs(config, wc.model, wc.dataset)),
+    output:
+        (
+            paths.activation_shard(R, "{model}", "{dataset}", "{shard}")
+            if config["activations"]["keep_shards"]
+            else temp(paths.activation_shard(R, "{model}", "{dataset}", "{shard}"))
+        ),
+    log:
+        log_path("extract_activations", "{model}/{dataset}/shard-{shard}"),
+    benchmark:
+        benchmark_path("extract_activations", "{model}/{dataset}/shard-{shard}")
+    # model passes first: every later stage fans out from them, so the run's tail overlaps instead of
+    # waiting for a late extraction
+    priority: 10
+    conda:
+        MODEL_ENV
+    threads: config["threads"]
+    resources:
+        mem_mb=lambda wc, input, attempt: activations_dag.extraction_resources(
+            config, wc.model, wc.dataset, wc.shard, input, attempt
+        )["mem_mb"],
+        runtime=lambda wc, input, attempt: activations_dag.extraction_resources(
+            config, wc.model, wc.dataset, wc.shard, input, attempt
+        )["runtime"],
+        gpu=GPUS,
+    params:
+        extraction=lambda wc: activations_dag.extraction_params(config, wc.model),
+    script:
+        "../scripts/extract_activations.py"
 
 
 rule merge_activations:
     input:
-        lambda wc: expand(
-            f"{site_dir(wc.model, wc.dataset, wc.site)}/activations/shard-{{i}}.h5",
-            i=nacfg.stats_shards(DATASETS[wc.dataset]),
-        ),
+        lambda wc: activations_dag.merge_inputs(config, wc.model, wc.dataset),
     output:
-        f"{R}/{{model}}/{{dataset}}/{{site}}/activations/stats.h5",
-    params:
-        activations=config["activations"],
-        shards=lambda wc: nacfg.stats_shards(DATASETS[wc.dataset]),
+        paths.site(R, "{model}", "{dataset}", "{site}")["stats"],
     log:
-        f"{R}/logs/merge_activations/{{model}}/{{dataset}}/{{site}}.log",
+        log_path("merge_activations", "{model}/{dataset}/{site}"),
     benchmark:
-        f"{R}/benchmarks/merge_activations/{{model}}/{{dataset}}/{{site}}.tsv"
-    threads: 1
+        benchmark_path("merge_activations", "{model}/{dataset}/{site}")
     priority: 10
-    resources:
-        mem_mb=lambda wc: nares.merge(MODELS, DATASETS, wc.model, wc.dataset, wc.site)["mem_mb"],
-        runtime=lambda wc: nares.merge(MODELS, DATASETS, wc.model, wc.dataset, wc.site)["runtime"],
     conda:
-        "../../envs/cpu.yaml"
+        CPU_ENV
+    threads: 1
+    resources:
+        mem_mb=lambda wc, input, attempt: activations_dag.merge_resources(
+            config, wc.model, wc.dataset, wc.site, input, attempt
+        )["mem_mb"],
+        runtime=lambda wc, input, attempt: activations_dag.merge_resources(
+            config, wc.model, wc.dataset, wc.site, input, attempt
+        )["runtime"],
+    params:
+        merge=lambda wc: activations_dag.merge_params(config, wc.dataset),
     script:
         "../scripts/merge_activations.py"
 
 
 rule summarize_activations:
     input:
-        [stats_file(m, d, s) for m, d, s in nacfg.grid(config)],
+        [paths.site(R, m, d, s)["stats"] for m, d, s in core_config.grid(config)],
     output:
         report(
             f"{R}/summary/activations.csv",
@@ -121,17 +145,22 @@ rule summarize_activations:
             subcategory="all models and datasets",
             labels={"table": "activation statistics", "scope": "every (model, dataset, site)"},
         ),
-    params:
-        grid_keys=[{"model": m, "dataset": d, "site": s} for m, d, s in nacfg.grid(config)],
     log:
-        f"{R}/logs/summarize_activations.log",
+        log_path("summarize_activations", "all"),
     benchmark:
-        f"{R}/benchmarks/summarize_activations.tsv"
+        benchmark_path("summarize_activations", "all")
+    conda:
+        CPU_ENV
     threads: 1
     resources:
-        mem_mb=nares.summarize(len(nacfg.grid(config)))["mem_mb"],
-        runtime=nares.summarize(len(nacfg.grid(config)))["runtime"],
-    conda:
-        "../../envs/cpu.yaml"
+        mem_mb=lambda wc, attempt: activations_dag.summarize_resources(len(core_config.grid(config)), attempt)["mem_mb"],
+        runtime=lambda wc, attempt: activations_dag.summarize_resources(len(core_config.grid(config)), attempt)[
+            "runtime"
+        ],
+    params:
+        grid=[{"model": m, "dataset": d, "site": s} for m, d, s in core_config.grid(config)],
     script:
         "../scripts/summarize_activations.py"
+
+
+register_targets("activations", lambda: activations_dag.targets(config))

@@ -1,10 +1,11 @@
-# Glue for rules extract_activations_<model>; the logic is neuronatlas.jobs.extract_activations.
-from neuronatlas import jobs
+# Glue for rule extract_activations: neuronatlas.activations.jobs.extract_activations.
+from neuronatlas.activations.jobs import extract_activations
+from neuronatlas.core.corpus import shard_files
+from neuronatlas.core.job_log import logged
 
-with jobs.logged(snakemake.log[0]):
-    wc = snakemake.wildcards
-    jobs.extract_activations(
-        snakemake.params.model, wc.dataset, int(wc.shard), snakemake.input.manifest,
-        f"{snakemake.input.shards}/shard-{wc.shard}.parquet", dict(snakemake.output.items()),
-        snakemake.params.extraction,
+with logged(snakemake.log[0]):
+    shard = int(snakemake.wildcards.shard)
+    shard_file = shard_files(snakemake.input.shards, [shard])[0]
+    extract_activations(
+        snakemake.wildcards.dataset, shard, snakemake.input.manifest, shard_file, snakemake.output[0], snakemake.params.extraction
     )

@@ -1,5 +1,6 @@
-# Glue for rule merge_activations; the logic is neuronatlas.store.merge.
-from neuronatlas import jobs
+# Glue for rule merge_activations: neuronatlas.activations.jobs.merge_activations.
+from neuronatlas.activations.jobs import merge_activations
+from neuronatlas.core.job_log import logged
 
-with jobs.logged(snakemake.log[0]):
-    jobs.merge_activations(list(snakemake.input), snakemake.output[0], dict(snakemake.params.items()))
+with logged(snakemake.log[0]):
+    merge_activations(list(snakemake.input), snakemake.wildcards.site, snakemake.output[0], snakemake.params.merge)

@@ -1,6 +1,6 @@
-# Glue for rule modularity_moe; the logic is neuronatlas.moe.moefication_job (via neuronatlas.modularity.moe_job).
-from neuronatlas import jobs
-from neuronatlas import modularity
+# Glue for rule modularity_moe: neuronatlas.modularity.jobs.modularity_moe.
+from neuronatlas.core.job_log import logged
+from neuronatlas.modularity.jobs import modularity_moe
 
-with jobs.logged(snakemake.log[0]):
-    modularity.moe_job(snakemake.params.moe, snakemake.input.manifest, snakemake.output.clusters, snakemake.output.stats, snakemake.threads)
+with logged(snakemake.log[0]):
+    modularity_moe(snakemake.params.moe, snakemake.input.manifest, snakemake.output.clusters, snakemake.output.stats, snakemake.threads)

@@ -1,7 +1,7 @@
-# Glue for rule modularity_prune; the logic is neuronatlas.modularity.prune_job.
-from neuronatlas import jobs
-from neuronatlas import modularity
+# Glue for rule modularity_prune: neuronatlas.modularity.jobs.modularity_prune.
+from neuronatlas.core.job_log import logged
+from neuronatlas.modularity.jobs import modularity_prune
 
-with jobs.logged(snakemake.log[0]):
+with logged(snakemake.log[0]):
     shards = dict(zip(snakemake.params.datasets, snakemake.input.shards))
-    modularity.prune_job(snakemake.params.prune, snakemake.input.manifest, snakemake.input.scores, shards, dict(snakemake.output.items()))
+    modularity_prune(snakemake.params.prune, snakemake.input.manifest, snakemake.input.scores, shards, dict(snakemake.output.items()))

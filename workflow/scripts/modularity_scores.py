@@ -1,7 +1,7 @@
-# Glue for rule modularity_scores; the logic is neuronatlas.modularity.scores_job.
-from neuronatlas import jobs
-from neuronatlas import modularity
+# Glue for rule modularity_scores: neuronatlas.modularity.jobs.modularity_scores.
+from neuronatlas.core.job_log import logged
+from neuronatlas.modularity.jobs import modularity_scores
 
-with jobs.logged(snakemake.log[0]):
+with logged(snakemake.log[0]):
     stats = dict(zip(snakemake.params.datasets, snakemake.input))
-    modularity.scores_job(snakemake.params.scores, stats, snakemake.output.h5, snakemake.output.csv)
+    modularity_scores(snakemake.params.scores, stats, snakemake.output.h5, snakemake.output.csv)

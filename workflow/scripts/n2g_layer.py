@@ -1,10 +1,19 @@
-# Glue for rule n2g_layer; the logic is neuronatlas.n2g_jobs.n2g_layer.
-from neuronatlas import n2g_jobs
+# Glue for rule n2g_layer: neuronatlas.n2g.jobs.n2g_layer.
+from neuronatlas.core.job_log import logged
+from neuronatlas.n2g.jobs import n2g_layer
 
-with n2g_jobs.logged(snakemake.log[0]):
-    wc, inp = snakemake.wildcards, snakemake.input
-    n2g_jobs.n2g_layer(
-        wc.model, wc.dataset, int(wc.layer), inp.stats, inp.manifest, inp.shards, snakemake.output.neurons,
-        snakemake.output.graphs, {**snakemake.params.n2g, "threads": snakemake.threads},
-        mlm_manifest=inp.get("mlm_manifest"), mlm_head=inp.get("mlm_head"),
+with logged(snakemake.log[0]):
+    wildcards, given = snakemake.wildcards, snakemake.input
+    n2g_layer(
+        wildcards.model,
+        wildcards.dataset,
+        int(wildcards.layer),
+        given.stats,
+        given.manifest,
+        given.shards,
+        snakemake.output.neurons,
+        snakemake.output.graphs,
+        {**snakemake.params.n2g, "threads": snakemake.threads},
+        mlm_manifest=given.get("mlm_manifest"),
+        mlm_head=given.get("mlm_head"),
     )

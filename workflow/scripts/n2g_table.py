@@ -1,6 +1,7 @@
-# Glue for rule n2g_table; the logic is neuronatlas.n2g_jobs.n2g_table.
-from neuronatlas import n2g_jobs
+# Glue for rule n2g_table: neuronatlas.n2g.jobs.n2g_table.
+from neuronatlas.core.job_log import logged
+from neuronatlas.n2g.jobs import n2g_table
 
-with n2g_jobs.logged(snakemake.log[0]):
-    wc, out = snakemake.wildcards, snakemake.output
-    n2g_jobs.n2g_table(wc.model, wc.dataset, list(snakemake.input), out.neurons, out.csv, out.md, out.png)
+with logged(snakemake.log[0]):
+    out = snakemake.output
+    n2g_table(snakemake.wildcards.model, snakemake.wildcards.dataset, list(snakemake.input), out.neurons, out.csv, out.md, out.png)

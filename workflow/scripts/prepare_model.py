@@ -1,6 +1,6 @@
-# Glue for rule prepare_model; the logic is neuronatlas.jobs.prepare_model.
-from neuronatlas import jobs
+# Glue for rule prepare_model: neuronatlas.activations.jobs.prepare_model.
+from neuronatlas.activations.jobs import prepare_model
+from neuronatlas.core.job_log import logged
 
-with jobs.logged(snakemake.log[0]):
-    init = snakemake.input.init_from[0] if snakemake.input.init_from else None
-    jobs.prepare_model(snakemake.params.model, snakemake.output.manifest, init)
+with logged(snakemake.log[0]):
+    prepare_model(snakemake.params.model, snakemake.output.manifest, snakemake.input.get("init_from"))

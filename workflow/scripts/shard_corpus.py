@@ -1,8 +1,7 @@
-# Glue for rule shard_corpus; the logic is neuronatlas.jobs.shard_corpus.
-from neuronatlas import jobs
+# Glue for rule shard_corpus: neuronatlas.activations.jobs.shard_corpus.
+from neuronatlas.activations.jobs import shard_corpus
+from neuronatlas.core.job_log import logged
 
-with jobs.logged(snakemake.log[0]):
-    jobs.shard_corpus(
-        snakemake.wildcards.dataset, snakemake.params.spec, snakemake.params.seed,
-        snakemake.output.shards, snakemake.output.manifest,
-    )
+with logged(snakemake.log[0]):
+    corpus = snakemake.params.corpus
+    shard_corpus(snakemake.wildcards.dataset, corpus["spec"], corpus["seed"], snakemake.output.shards, snakemake.output.manifest)

@@ -1,5 +1,6 @@
-# Glue for rule summarize_activations.
-from neuronatlas import jobs
+# Glue for rule summarize_activations: neuronatlas.activations.jobs.summarize_activations.
+from neuronatlas.activations.jobs import summarize_activations
+from neuronatlas.core.job_log import logged
 
-with jobs.logged(snakemake.log[0]):
-    jobs.summarize_activations(list(snakemake.input), snakemake.params.grid_keys, snakemake.output[0])
+with logged(snakemake.log[0]):
+    summarize_activations(list(snakemake.input), snakemake.params.grid, snakemake.output[0])

@@ -1,5 +1,6 @@
-# Glue for rule textualization_scan; the logic is neuronatlas.textualization_jobs.scan_job.
-from neuronatlas import textualization_jobs as tzj
+# Glue for rule textualization_scan; the logic is neuronatlas.textualization.jobs.
+from neuronatlas.core.job_log import logged
+from neuronatlas.textualization import jobs
 
-with tzj.logged(snakemake.log[0]):
-    tzj.scan_job(snakemake.input.manifest, snakemake.output[0], snakemake.params.scan)
+with logged(snakemake.log[0]):
+    jobs.textualization_scan(snakemake.input.manifest, snakemake.output[0], snakemake.params.scan)

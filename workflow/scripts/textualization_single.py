@@ -1,5 +1,6 @@
-# Glue for rule textualization_single; the logic is neuronatlas.textualization_jobs.single_job.
-from neuronatlas import textualization_jobs as tzj
+# Glue for rule textualization_single; the logic is neuronatlas.textualization.jobs.
+from neuronatlas.core.job_log import logged
+from neuronatlas.textualization import jobs
 
-with tzj.logged(snakemake.log[0]):
-    tzj.single_job(snakemake.input.manifest, snakemake.input.scan, dict(snakemake.output.items()), snakemake.params.single)
+with logged(snakemake.log[0]):
+    jobs.textualization_single(snakemake.input.manifest, snakemake.input.scan, dict(snakemake.output.items()), snakemake.params.single)

@@ -1,5 +1,6 @@
-# Glue for rule textualization_targets; the logic is neuronatlas.textualization_jobs.targets_job.
-from neuronatlas import textualization_jobs as tzj
+# Glue for rule textualization_targets; the logic is neuronatlas.textualization.jobs.
+from neuronatlas.core.job_log import logged
+from neuronatlas.textualization import jobs
 
-with tzj.logged(snakemake.log[0]):
-    tzj.targets_job(snakemake.input.manifest, list(snakemake.input.frequencies), snakemake.output[0], snakemake.params.targets)
+with logged(snakemake.log[0]):
+    jobs.textualization_targets(snakemake.input.manifest, list(snakemake.input.frequencies), snakemake.output[0], snakemake.params.targets)

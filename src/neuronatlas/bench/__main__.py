@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from . import REGISTRY, emit
+from neuronatlas.bench import REGISTRY, emit
 
 MODULES = ("extraction", "moefication", "dag", "clustering", "ablation", "n2g", "textualization")
 

@@ -12,16 +12,17 @@ from typing import Any
 
 import numpy as np
 
-from . import median, register, timed
+from neuronatlas.bench import median, register, timed
 
 
 def _setup(n_sentences: int, n_conditions: int, cluster_size: int):
     import torch
     from transformers import AutoModelForMaskedLM
 
-    from .. import assets, corpus, intervention
-    from ..adapters import FAMILIES
-    from ..models import _load_tokenizer, quiet_transformers
+    from neuronatlas.core import assets, corpus
+    from neuronatlas.core.adapters import FAMILIES
+    from neuronatlas.core.models import _load_tokenizer, quiet_transformers
+    from neuronatlas.intervention import evaluation as intervention
 
     quiet_transformers()
     path = assets.minilm_dir()
@@ -34,7 +35,7 @@ def _setup(n_sentences: int, n_conditions: int, cluster_size: int):
         if len(texts) >= 4 * n_sentences:
             break
     rng = np.random.default_rng(0)
-    from ..ablation import TokenExample
+    from neuronatlas.core.ablation import TokenExample
 
     examples = []
     for ids in tok(texts, add_special_tokens=False)["input_ids"]:
@@ -58,7 +59,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     """Ablated / bare forward time on one stacked batch; conditions/s stacked vs one condition per forward."""
     import torch
 
-    from ..ablation import TokenObjective, condition_ablations, evaluate, hooked, masked_lm_batches
+    from neuronatlas.core.ablation import TokenObjective, condition_ablations, evaluate, hooked, masked_lm_batches
 
     torch.set_num_threads(2)
     n_sent, n_cond, size = (8, 8, 54) if quick else (12, 16, 54)  # 2,688 residual neurons / K = 50
@@ -79,7 +80,7 @@ def run(quick: bool = False) -> dict[str, Any]:
 
     def full_logits():
         with torch.inference_mode():
-            model(**stacked.inputs).logits
+            _ = model(**stacked.inputs).logits
 
     bare()
     ablated()

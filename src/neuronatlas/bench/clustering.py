@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import register
+from neuronatlas.bench import register
 
 GOALS = {"9984": {"seconds": 30}, "36864": {"seconds": 600, "peak_rss_gib": 16}}
 
@@ -48,7 +48,7 @@ def synthetic(n: int, features: int, seed: int = 0, groups: int = 300, rank: int
 
 def _child(n: int, features: int, method: str) -> None:
     """In a fresh process: build the data, then time the tree + cuts; print JSON."""
-    from .. import clustering as cl
+    from neuronatlas.clusters import clustering as cl
 
     X = synthetic(n, features)
     base = _vm_hwm_mb()
@@ -60,22 +60,44 @@ def _child(n: int, features: int, method: str) -> None:
     t1 = time.perf_counter()
     sizes = {k: int(np.bincount(cl.cut(tree, k)).max()) for k in (50, 200)}
     t_cut = time.perf_counter() - t1
-    print(json.dumps({
-        "n": n, "features": features, "method": method, "seconds_tree": round(t_tree, 2), "seconds_cuts": round(t_cut, 3),
-        "seconds": round(t_tree + t_cut, 2), "cpu_seconds": round(time.process_time() - cpu0, 1),
-        "peak_rss_mb": round(_vm_hwm_mb(), 1), "data_mb": round(X.nbytes / 2**20, 1),
-        "rss_before_mb": round(base, 1), "largest_cluster": sizes,
-        "load_average_start": round(load0, 2), "load_average_end": round(os.getloadavg()[0], 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "n": n,
+                "features": features,
+                "method": method,
+                "seconds_tree": round(t_tree, 2),
+                "seconds_cuts": round(t_cut, 3),
+                "seconds": round(t_tree + t_cut, 2),
+                "cpu_seconds": round(time.process_time() - cpu0, 1),
+                "peak_rss_mb": round(_vm_hwm_mb(), 1),
+                "data_mb": round(X.nbytes / 2**20, 1),
+                "rss_before_mb": round(base, 1),
+                "largest_cluster": sizes,
+                "load_average_start": round(load0, 2),
+                "load_average_end": round(os.getloadavg()[0], 2),
+            }
+        )
+    )
 
 
 def _run(n: int, features: int, method: str, threads: int) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads)}
-    proc = subprocess.run([sys.executable, "-m", "neuronatlas.bench.clustering", "--child", str(n), str(features), method],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "neuronatlas.bench.clustering", "--child", str(n), str(features), method],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if proc.returncode != 0:  # e.g. -9: killed by the kernel's OOM killer on a crowded machine
-        return {"n": n, "features": features, "method": method, "error": f"exit status {proc.returncode}",
-                "stderr": proc.stderr[-2000:], "load_average": round(os.getloadavg()[0], 2)}
+        return {
+            "n": n,
+            "features": features,
+            "method": method,
+            "error": f"exit status {proc.returncode}",
+            "stderr": proc.stderr[-2000:],
+            "load_average": round(os.getloadavg()[0], 2),
+        }
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     print(json.dumps(result), file=sys.stderr, flush=True)  # progress: one line per finished size
     return result

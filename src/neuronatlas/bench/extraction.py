@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from . import median, register, timed
+from neuronatlas.bench import median, register, timed
 
 DOCS_1X = 1000  # one demo shard of wiki summaries; 10x = the whole corpus (10,033 documents)
 
@@ -20,7 +20,7 @@ DOCS_1X = 1000  # one demo shard of wiki summaries; 10x = the whole corpus (10,0
 def _setup(tmp: Path, n_docs: int):
     import pandas as pd
 
-    from .. import corpus, models
+    from neuronatlas.core import corpus, models
 
     spec = {"source": "packaged", "name": "wiki_summaries", "split": None, "shuffle": True}
     docs = []
@@ -29,8 +29,15 @@ def _setup(tmp: Path, n_docs: int):
             docs.append(d)
         if len(docs) >= n_docs:
             break
-    frame = pd.DataFrame({"doc_id": [d.doc_id for d in docs], "key": [d.key for d in docs], "text": [d.text for d in docs],
-                          "label": None, "n_words": [corpus.count_words(d.text) for d in docs]})
+    frame = pd.DataFrame(
+        {
+            "doc_id": [d.doc_id for d in docs],
+            "key": [d.key for d in docs],
+            "text": [d.text for d in docs],
+            "label": None,
+            "n_words": [corpus.count_words(d.text) for d in docs],
+        }
+    )
     params = {"model": "minilm", "source": "packaged", "name": "all-minilm-l6-v2", "family": "auto", "seed": 0}
     models.prepare(params, tmp / "minilm")
     return frame, tmp / "minilm" / "manifest.json"
@@ -48,24 +55,46 @@ def _child(n_docs: int, budget: float) -> None:
     """Run in a fresh process: extraction only, print peak RSS (MB) and sizes."""
     import torch
 
-    from .. import extract, models
+    from neuronatlas.core import extract, models
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         frame, manifest = _setup(Path(tmp), n_docs)
         lm = models.load(manifest, "cpu", "float32", threads=2)
         base = vm_hwm_mb()
-        out = extract.extract(lm, frame, ["residual", "mlp"], max_length=128, batch_tokens=4096, top_k=20,
-                              token_table_mb=budget, spill_dir=tmp, progress=False)
+        out = extract.extract(
+            lm,
+            frame,
+            ["residual", "mlp"],
+            max_length=128,
+            batch_tokens=4096,
+            top_k=20,
+            token_table_mb=budget,
+            spill_dir=tmp,
+            progress=False,
+        )
         extract.cleanup(out)
         st = out["mlp"]
-        print(json.dumps({"peak_rss_mb": vm_hwm_mb(), "rss_before_mb": base,
-                          "tokens": st.attrs["n_tokens"], "distinct_ids": int(len(st.token_ids)), "chunks": st.attrs["n_chunks"]}))
+        print(
+            json.dumps(
+                {
+                    "peak_rss_mb": vm_hwm_mb(),
+                    "rss_before_mb": base,
+                    "tokens": st.attrs["n_tokens"],
+                    "distinct_ids": int(len(st.token_ids)),
+                    "chunks": st.attrs["n_chunks"],
+                }
+            )
+        )
 
 
 def _rss(n_docs: int, budget: float) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-m", "neuronatlas.bench.extraction", "--child", str(n_docs), str(budget)],
-                          capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "neuronatlas.bench.extraction", "--child", str(n_docs), str(budget)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -76,7 +105,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     """Useful tokens/s of extraction vs dense bare-forward tokens/s (MiniLM-L6, wiki); RSS at 1x / 10x."""
     import torch
 
-    from .. import extract, models
+    from neuronatlas.core import extract, models
 
     torch.set_num_threads(2)
     n1 = 60 if quick else DOCS_1X
@@ -114,20 +143,34 @@ def run(quick: bool = False) -> dict[str, Any]:
     n10 = 10 * n1
     budget_small = 256.0
     rss = {
-        "default_budget_1x": _rss(n1, 4096), "default_budget_10x": _rss(n10, 4096),
-        "bounded_budget_1x": _rss(n1, budget_small), "bounded_budget_10x": _rss(n10, budget_small),
+        "default_budget_1x": _rss(n1, 4096),
+        "default_budget_10x": _rss(n10, 4096),
+        "bounded_budget_1x": _rss(n1, budget_small),
+        "bounded_budget_10x": _rss(n10, budget_small),
     }
     return {
-        "model": "all-MiniLM-L6-v2 (packaged)", "corpus": f"wiki_summaries, {n1} documents (1x)", "sites": sites, "threads": 2,
-        "useful_tokens": useful, "non_pad_fraction": round(nonpad, 4), "extraction_useful_tokens_per_s": round(ext_tps, 1),
-        "bare_forward_tokens_per_s": round(bare_tps, 1), "ratio": round(ext_tps / bare_tps, 3), "ratio_goal": ">= 0.85",
+        "model": "all-MiniLM-L6-v2 (packaged)",
+        "corpus": f"wiki_summaries, {n1} documents (1x)",
+        "sites": sites,
+        "threads": 2,
+        "useful_tokens": useful,
+        "non_pad_fraction": round(nonpad, 4),
+        "extraction_useful_tokens_per_s": round(ext_tps, 1),
+        "bare_forward_tokens_per_s": round(bare_tps, 1),
+        "ratio": round(ext_tps / bare_tps, 3),
+        "ratio_goal": ">= 0.85",
         "peak_rss_mb": {k: round(v["peak_rss_mb"], 1) for k, v in rss.items()},
         "distinct_ids": {k: v["distinct_ids"] for k, v in rss.items()},
         "tokens": {k: v["tokens"] for k, v in rss.items()},
         "chunks": {k: v["chunks"] for k, v in rss.items()},
-        "rss_ratio_10x_over_1x_default_budget": round(rss["default_budget_10x"]["peak_rss_mb"] / rss["default_budget_1x"]["peak_rss_mb"], 3),
-        "rss_ratio_10x_over_1x_bounded_budget": round(rss["bounded_budget_10x"]["peak_rss_mb"] / rss["bounded_budget_1x"]["peak_rss_mb"], 3),
-        "bounded_budget_mb": budget_small, "rss_ratio_goal": "<= 1.1",
+        "rss_ratio_10x_over_1x_default_budget": round(
+            rss["default_budget_10x"]["peak_rss_mb"] / rss["default_budget_1x"]["peak_rss_mb"], 3
+        ),
+        "rss_ratio_10x_over_1x_bounded_budget": round(
+            rss["bounded_budget_10x"]["peak_rss_mb"] / rss["bounded_budget_1x"]["peak_rss_mb"], 3
+        ),
+        "bounded_budget_mb": budget_small,
+        "rss_ratio_goal": "<= 1.1",
     }
 
 

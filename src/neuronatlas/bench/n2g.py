@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import median, register, timed
+from neuronatlas.bench import median, register, timed
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -22,12 +22,12 @@ REPO = Path(__file__).resolve().parents[3]
 def _demo_inputs() -> tuple[Path, Path, str, dict[str, Any]]:
     import yaml
 
-    from .. import config as nacfg
+    from neuronatlas.core import config as nacfg
 
     cfg = nacfg.validate(yaml.safe_load((REPO / "config" / "demo.yaml").read_text()))
     R = REPO / cfg["results_dir"]
     manifest = R / "models" / "gemma" / "manifest.json"
-    for d in ([*cfg["n2g"]["runs"].get("gemma", [])] + ["wiki", "code", "drugs"]):
+    for d in [*cfg["n2g"]["runs"].get("gemma", [])] + ["wiki", "code", "drugs"]:
         stats = R / "gemma" / d / "mlp" / "activations" / "stats.h5"
         if stats.exists() and manifest.exists():
             return manifest, stats, d, cfg
@@ -42,14 +42,16 @@ def run(quick: bool = False) -> dict[str, Any]:
     """Neurons/minute of N2G (prune, saliency, augment, trie, evaluation) on Gemma-3 270M with the demo settings."""
     import torch
 
-    from .. import models, n2g, store
-    from ..config import stats_shards
+    from neuronatlas.core import models, store
+    from neuronatlas.core.config import stats_shards
+    from neuronatlas.n2g import build
+    from neuronatlas.n2g import graph as n2g
 
     torch.set_num_threads(2)
     manifest, stats, dataset, cfg = _demo_inputs()
     R = REPO / cfg["results_dir"]
     sec = cfg["n2g"]
-    settings = n2g.N2GSettings.from_config(sec)
+    settings = build.N2GSettings.from_config(sec)
     t0 = time.perf_counter()
     lm = models.load(manifest, "cpu", "float32", threads=2)
     load_s = time.perf_counter() - t0
@@ -60,9 +62,11 @@ def run(quick: bool = False) -> dict[str, Any]:
         aug = sec["augment"]
         m = models.load(R / "models" / mlm / "manifest.json", "cpu", "float32", threads=2, head=True, head_path=head)
         mlm_name = f"{mlm} (fitted head)"
-        augmenter = n2g.Augmenter(m, mlm_name, aug["substitutions"], aug["min_probability"], aug["max_words"])
+        augmenter = build.Augmenter(m, mlm_name, aug["substitutions"], aug["min_probability"], aug["max_words"])
     shards = [R / "corpora" / dataset / "shards" / f"shard-{i}.parquet" for i in stats_shards(cfg["datasets"][dataset])]
-    docs = n2g.DocumentTokens(lm.tokenizer, shards, cfg["models"]["gemma"]["max_length"], lm.manifest["prefix_ids"], lm.manifest["suffix_ids"])
+    docs = build.DocumentTokens(
+        lm.tokenizer, shards, cfg["models"]["gemma"]["max_length"], lm.manifest["prefix_ids"], lm.manifest["suffix_ids"]
+    )
     L = lm.manifest["sites"]["mlp"][0]
     layers = [0] if quick else (sec["layers"] or [0, L // 2, L - 1])
     per_layer = 1 if quick else 2
@@ -73,14 +77,14 @@ def run(quick: bool = False) -> dict[str, Any]:
         for layer in layers:
             topk, mx = st.topk(layer), st.neuron("max")[layer]
             t0 = time.perf_counter()
-            res = n2g.run_layer(lm, topk, mx, layer, docs, settings, per_layer, cfg["seed"], augmenter, progress=False)
+            res = build.run_layer(lm, topk, mx, layer, docs, settings, per_layer, cfg["seed"], augmenter, progress=False)
             s = time.perf_counter() - t0
             n = len(res.graphs)
             total_s += s
             total_n += n
             forward_s += res.info["forward_s"]
             # dense bare forward to the same layer: the ceiling of the probe's tokens/s
-            probe = n2g.LayerProbe(lm, layer, 2048)
+            probe = build.LayerProbe(lm, layer, 2048)
             ids = np.concatenate([ex_ids for _, _, ex_ids in docs.windows(sorted(docs.texts)[:40])])[: 16 * 127]
             dense = [probe.with_prefix(ids[i * 127 : (i + 1) * 127]) for i in range(len(ids) // 127)]
             probe.run(dense, [0])  # warm-up
@@ -97,20 +101,31 @@ def run(quick: bool = False) -> dict[str, Any]:
                 pred_s += time.perf_counter() - t1
                 pred_tokens += sum(len(k) for k in texts)
             rows = [r for r in res.rows if r["eval_set"] == "topk"]
-            out_layers.append({
-                "layer": layer, "neurons": n, "seconds": round(s, 2), "neurons_per_minute": round(60 * n / s, 2),
-                "forward_share": round(res.info["forward_s"] / s, 3),
-                "probe_useful_tokens_per_s": round(probe_tps, 1), "bare_forward_tokens_per_s": round(bare_tps, 1),
-                "probe_over_bare": round(probe_tps / bare_tps, 3),
-                "non_pad_fraction": round(res.info["forward_useful_tokens"] / max(res.info["forward_tokens"], 1), 3),
-                "prompts_augmented_mean": round(float(np.mean([r["prompts_augmented"] for r in rows])), 1),
-                "trie_nodes_mean": round(float(np.mean([r["trie_nodes"] for r in rows])), 1),
-            })
+            out_layers.append(
+                {
+                    "layer": layer,
+                    "neurons": n,
+                    "seconds": round(s, 2),
+                    "neurons_per_minute": round(60 * n / s, 2),
+                    "forward_share": round(res.info["forward_s"] / s, 3),
+                    "probe_useful_tokens_per_s": round(probe_tps, 1),
+                    "bare_forward_tokens_per_s": round(bare_tps, 1),
+                    "probe_over_bare": round(probe_tps / bare_tps, 3),
+                    "non_pad_fraction": round(res.info["forward_useful_tokens"] / max(res.info["forward_tokens"], 1), 3),
+                    "prompts_augmented_mean": round(float(np.mean([r["prompts_augmented"] for r in rows])), 1),
+                    "trie_nodes_mean": round(float(np.mean([r["trie_nodes"] for r in rows])), 1),
+                }
+            )
     return {
-        "model": "Gemma-3 270M (packaged, float32, CPU, 2 threads)", "dataset": dataset, "augmentation": mlm_name,
+        "model": "Gemma-3 270M (packaged, float32, CPU, 2 threads)",
+        "dataset": dataset,
+        "augmentation": mlm_name,
         "settings": {k: sec[k] for k in ("activation_threshold", "importance_threshold", "prune_batch", "prune_max_context")},
-        "augment": sec["augment"], "model_load_s": round(load_s, 2),
-        "neurons": int(total_n), "seconds": round(total_s, 2), "neurons_per_minute": round(60 * total_n / total_s, 2),
+        "augment": sec["augment"],
+        "model_load_s": round(load_s, 2),
+        "neurons": int(total_n),
+        "seconds": round(total_s, 2),
+        "neurons_per_minute": round(60 * total_n / total_s, 2),
         "forward_share": round(forward_s / total_s, 3),
         "trie_predict_tokens_per_s": round(pred_tokens / max(pred_s, 1e-9), 1),
         "layers": out_layers,

@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from . import median, register, timed
+from neuronatlas.bench import median, register, timed
 
 
 def _setup(tmp: Path):
-    from .. import models
-    from .. import textualization as tz
+    from neuronatlas.core import models
+    from neuronatlas.textualization import optimization as tz
 
     params = {"model": "minilm", "source": "packaged", "name": "all-minilm-l6-v2", "family": "auto", "seed": 0}
     models.prepare(params, tmp / "minilm")
@@ -38,20 +38,25 @@ def run(quick: bool = False) -> dict[str, Any]:
     """Neurons optimised per minute, batched vs one at a time (and the forward / update variants)."""
     import torch
 
-    from .. import textualization as tz
+    from neuronatlas.textualization import optimization as tz
 
     torch.set_num_threads(2)
     per_layer, steps, reps = (2, 5, 1) if quick else (8, 20, 2)
     with tempfile.TemporaryDirectory() as tmp:
         tx = _setup(Path(tmp))
         neurons = tz.sample_neurons(tx.n_layers, tx.width, per_layer / tx.width, 0, True)
-        layers = np.array([l for l, _ in neurons])
+        layers = np.array([layer for layer, _ in neurons])
         index = np.array([i for _, i in neurons])
         n = len(neurons)
         singles = tz.Targets.singles(layers, index)
         # every row also "needs" the last layer (weight 0): the same objective, computed through all blocks
-        full_depth = tz.Targets(n, np.concatenate([np.arange(n), np.arange(n)]), np.concatenate([layers, np.full(n, tx.n_layers - 1)]),
-                                np.concatenate([index, np.zeros(n, np.int64)]), np.concatenate([np.ones(n, np.float32), np.zeros(n, np.float32)]))
+        full_depth = tz.Targets(
+            n,
+            np.concatenate([np.arange(n), np.arange(n)]),
+            np.concatenate([layers, np.full(n, tx.n_layers - 1)]),
+            np.concatenate([index, np.zeros(n, np.int64)]),
+            np.concatenate([np.ones(n, np.float32), np.zeros(n, np.float32)]),
+        )
         seeds = tz.row_seeds(0, 1, layers * tx.width + index)
         kw = dict(steps=steps, lr=100.0, init="normal", init_scale=1.0, history_every=steps, progress=False)
         variants = {
@@ -77,8 +82,14 @@ def run(quick: bool = False) -> dict[str, Any]:
     ref = finals["batched"]
     # the variants compute the same ascent; float rounding differs (batch shapes, update form) and lr-100 SGD can
     # amplify it for a few neurons, so: the median relative difference and the largest absolute one per variant
-    agree = {k: {"median_relative": float(np.median(np.abs(v - ref) / np.maximum(np.abs(ref), 1e-3))),
-                 "max_absolute": float(np.max(np.abs(v - ref)))} for k, v in finals.items() if k != "batched"}
+    agree = {
+        k: {
+            "median_relative": float(np.median(np.abs(v - ref) / np.maximum(np.abs(ref), 1e-3))),
+            "max_absolute": float(np.max(np.abs(v - ref))),
+        }
+        for k, v in finals.items()
+        if k != "batched"
+    }
     return {
         "model": "all-MiniLM-L6-v2 (packaged), site ffn_out, 6 layers x 384",
         "neurons": n,
@@ -100,6 +111,6 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from . import emit
+    from neuronatlas.bench import emit
 
     emit({"benchmark": "textualization", **run()})

@@ -1,0 +1,419 @@
+"""Jobs of feature textualization (workflow/rules/textualization.smk): one function per rule.
+
+workflow/scripts/<rule>.py call these with what Snakemake hands them; tests call them directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from neuronatlas.core import tables
+from neuronatlas.core.errors import NeuronAtlasError
+from neuronatlas.core.io import atomic_path, config_hash
+from neuronatlas.textualization.dag import SCAN_TOP
+from neuronatlas.textualization.paper_tables import closest_label
+
+if TYPE_CHECKING:  # the method module imports torch: only inside the job functions
+    from neuronatlas.textualization import optimization as tz
+
+
+def _load(params: Mapping[str, Any], manifest: str):
+    from neuronatlas.core.models import load
+    from neuronatlas.textualization import optimization as tz
+
+    lm = load(manifest, params["device"], "float32", params["threads"])  # gradient ascent at lr 100 needs float32
+    return tz.Textualizer(lm, params.get("site", "ffn_out"), params.get("length", 1))
+
+
+def _vocab(tx: tz.Textualizer) -> pd.DataFrame:
+    from neuronatlas.textualization import optimization as tz
+
+    return tz.vocabulary_table(tx.lm.tokenizer, tx.lm.manifest.get("special_ids", []))
+
+
+def _write_h5(path: str, arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any]) -> None:
+    import h5py
+
+    with atomic_path(path, suffix=".h5") as tmp:
+        with h5py.File(tmp, "w") as f:
+            for name, arr in arrays.items():
+                arr = np.asarray(arr)
+                kw = {"compression": "gzip", "compression_opts": 1, "shuffle": True} if arr.size > 4096 else {}
+                f.create_dataset(name, data=arr, fletcher32=True, track_times=False, **kw)
+            for k, v in attrs.items():
+                f.attrs[k] = v if isinstance(v, (int, float, str, bool, np.integer, np.floating)) else str(v)
+
+
+def read_scan(path: str) -> tz.WordScan:
+    """Read a word_scan.h5 written by the scan job."""
+    import h5py
+
+    from neuronatlas.textualization import optimization as tz
+
+    try:
+        with h5py.File(path, "r") as f:
+            return tz.WordScan(f["top_ids"][()], f["top_act"][()], f["candidates"][()])
+    except (OSError, KeyError) as exc:
+        raise NeuronAtlasError(f"vocabulary scan {path} is unreadable or incomplete ({exc}); delete it and re-run the workflow") from exc
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+def textualization_scan(manifest: str, output: str, params: Mapping[str, Any]) -> None:
+    """Rule textualization_scan: brute force over the candidate vocabulary, each neuron's top words."""
+    import torch
+
+    from neuronatlas.textualization import optimization as tz
+
+    tx = _load(params, manifest)
+    vocab = _vocab(tx)
+    ids = tz.candidate_ids(vocab, params["exclude_non_latin"])
+    print(f"scanning {len(ids)} of {len(vocab)} vocabulary items ({tx.n_layers} layers x {tx.width} {tx.site} neurons)", flush=True)
+    with torch.no_grad():
+        scan = tz.scan_vocabulary(tx, ids, SCAN_TOP, params["scan_batch"])
+    _write_h5(
+        output,
+        {"top_ids": scan.top_ids, "top_act": scan.top_act, "candidates": scan.candidates},
+        {
+            "model": tx.lm.manifest["model"],
+            "site": tx.site,
+            "n_candidates": len(ids),
+            "n_vocab": len(vocab),
+            "exclude_non_latin": bool(params["exclude_non_latin"]),
+            "config_hash": config_hash(dict(params)),
+        },
+    )
+
+
+def _frequencies(tokenizer: Any, vocab_size: int, params: Mapping[str, Any], inputs: Sequence[str]) -> np.ndarray | None:
+    from neuronatlas.textualization import optimization as tz
+
+    src = params["frequency_source"]
+    if src == "none":
+        return None
+    if src == "corpus":
+        from neuronatlas.core.corpus import read_shard
+
+        texts: list[str] = []
+        for i in params["frequency_shards"]:
+            texts.extend(read_shard(Path(inputs[0]) / f"shard-{i}.parquet")["text"].tolist())
+        return tz.token_frequencies(tokenizer, texts, vocab_size)
+    from neuronatlas.core.store import open_store
+
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    with open_store(inputs[0]) as st:
+        ids, cnt = st.token_ids(), st.token_count()
+    keep = ids < vocab_size
+    counts[ids[keep]] = cnt[keep]
+    return counts
+
+
+def textualization_targets(manifest: str, freq_inputs: Sequence[str], output: str, params: Mapping[str, Any]) -> pd.DataFrame:
+    """Rule textualization_targets: the seeded target words (frequent + random), written out."""
+    from neuronatlas.core.io import read_json
+    from neuronatlas.core.models import _load_tokenizer
+    from neuronatlas.textualization import optimization as tz
+
+    man = read_json(manifest)
+    tok = _load_tokenizer(man["tokenizer_path"])
+    vocab = tz.vocabulary_table(tok, man.get("special_ids", []))
+    counts = _frequencies(tok, len(vocab), params, freq_inputs)
+    frame = tz.choose_targets(vocab, counts, params["n_random"], params["n_frequent"], params["seed"], params["exclude_subwords"])
+    tables.write_csv(output, frame)
+    print(f"{len(frame)} target words: {', '.join(frame['token'].head(12))} ...")
+    return frame
+
+
+def _ascent_kwargs(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: params[k] for k in ("steps", "lr", "optimizer", "init", "init_scale", "batch_size", "history_every")}
+
+
+def textualization_single(manifest: str, scan_path: str, outputs: Mapping[str, str], params: Mapping[str, Any]) -> pd.DataFrame:
+    """Rule textualization_single: optimise one input per sampled neuron; compare with the most activating word."""
+    import torch
+
+    from neuronatlas.textualization import optimization as tz
+
+    tx = _load(params, manifest)
+    scan = read_scan(scan_path)
+    vocab = _vocab(tx)
+    neurons = tz.sample_neurons(tx.n_layers, tx.width, params["fraction"], params["seed"], params["shared_indices"])
+    layers = np.array([layer for layer, _ in neurons])
+    index = np.array([i for _, i in neurons])
+    flat = layers * tx.width + index
+    targets = tz.Targets.singles(layers, index)
+    print(f"optimising {len(neurons)} neurons ({len(neurons) // tx.n_layers} per layer) for {params['steps']} steps", flush=True)
+    res = tz.maximise(tx, targets, tz.row_seeds(params["seed"], 1, flat), progress=True, desc="single neurons", **_ascent_kwargs(params))
+
+    space = params["compare_space"]
+    cand = scan.candidates
+    static = torch.from_numpy(res.static).to(tx.device)
+    with torch.no_grad():
+        oi = tx.compare_vectors(static, space)
+        words = tx.word_vectors(cand, space)
+        top_ids, top_cos = tz.closest_words(oi, words, cand, 3)
+        best = scan.argmax[layers, index]
+        best_vec = tx.word_vectors(best, space)
+        _, best_self = tz.closest_words(best_vec, words, cand, 1)
+        best_rank = tz.rank_of(oi, words, cand, best)
+    tok = vocab["token"].to_numpy()
+    frame = pd.DataFrame(
+        {
+            "neuron_id": flat,
+            "layer": layers,
+            "index": index,
+            "act_initial": res.initial,
+            "act_optimized": res.activation,
+            "word_id": best,
+            "word": tok[best],
+            "act_word": scan.max_act[layers, index],
+            "norm_optimized": oi.norm(dim=-1).cpu().numpy(),
+            "norm_word": best_vec.norm(dim=-1).cpu().numpy(),
+            "cos_closest": top_cos[:, 0],
+            "cos_word_closest": best_self[:, 0],
+            "closest_is_most_activating": top_ids[:, 0] == best,
+            "rank_of_most_activating": best_rank,
+        }
+    )
+    for j in range(top_ids.shape[1]):
+        frame[f"closest_{j + 1}_id"] = top_ids[:, j]
+        frame[f"closest_{j + 1}"] = tok[top_ids[:, j]]
+        frame[f"closest_{j + 1}_cos"] = top_cos[:, j]
+    tables.write_csv(outputs["neurons"], frame)
+    _write_h5(
+        outputs["optimized"],
+        {
+            "x": res.x,
+            "static": res.static,
+            "neuron_id": flat,
+            "activation": res.activation,
+            "history_steps": res.history_steps,
+            "history": res.history,
+        },
+        {**res.attrs, "model": tx.lm.manifest["model"], "site": tx.site, "compare_space": space, "config_hash": config_hash(dict(params))},
+    )
+    _write_pca(outputs["pca"], tx, vocab, oi, layers, flat, space)
+    print(
+        f"mean activation: optimised {res.activation.mean():.3f}, most activating word {frame['act_word'].mean():.3f}; "
+        f"mean cos to closest word {frame['cos_closest'].mean():.3f}"
+    )
+    return frame
+
+
+def _write_pca(path: str, tx: tz.Textualizer, vocab: pd.DataFrame, oi: Any, layers: np.ndarray, flat: np.ndarray, space: str) -> None:
+    """PCA (2 components) of the optimised inputs together with every non-special vocabulary item (Fig. 5)."""
+    import torch
+
+    keep = vocab.loc[~vocab["special"]]
+    ids = keep["token_id"].to_numpy()
+    with torch.no_grad():
+        words = tx.word_vectors(ids, space).double().cpu().numpy()
+    opt = oi.double().cpu().numpy()
+    both = np.concatenate([words, opt])
+    mean = both.mean(0)
+    _, s, vt = np.linalg.svd(both - mean, full_matrices=False)
+    comp = vt[:2]
+    explained = (s[:2] ** 2) / (s**2).sum()
+    pw, po = (words - mean) @ comp.T, (opt - mean) @ comp.T
+    cat = np.where(keep["unused"], "unused", np.where(keep["latin"], "latin", "non_latin"))
+    frame = pd.concat(
+        [
+            pd.DataFrame({"kind": "word", "id": ids, "category": cat, "layer": -1, "pc1": pw[:, 0], "pc2": pw[:, 1]}),
+            pd.DataFrame({"kind": "optimized", "id": flat, "category": "optimized", "layer": layers, "pc1": po[:, 0], "pc2": po[:, 1]}),
+        ],
+        ignore_index=True,
+    )
+    frame["explained_1"], frame["explained_2"] = explained[0], explained[1]
+    with atomic_path(path, suffix=".parquet") as tmp:
+        frame.to_parquet(tmp, index=False)
+
+
+def textualization_group(
+    manifest: str, scan_path: str, targets_path: str, k: int, outputs: Mapping[str, str], params: Mapping[str, Any]
+) -> pd.DataFrame:
+    """Rule textualization_group: per selection and target word, the top-k neurons and one input maximising their mean."""
+    import torch
+
+    from neuronatlas.textualization import optimization as tz
+
+    tx = _load(params, manifest)
+    scan = read_scan(scan_path)
+    vocab = _vocab(tx)
+    tok = vocab["token"].to_numpy()
+    words = pd.read_csv(targets_path, keep_default_na=False)
+    tid = words["token_id"].to_numpy(np.int64)
+    a_words = tz.word_activations(tx, tid).reshape(len(tid), -1)  # (n, L*W)
+    a_max = scan.max_act.reshape(-1)
+    groups, meta, members = [], [], []
+    for s_i, sel in enumerate(params["selections"]):
+        for w_i, t in enumerate(tid):
+            ids = tz.select_group(a_words[w_i], a_max, int(k), sel)
+            groups.append([(int(i) // tx.width, int(i) % tx.width) for i in ids])
+            meta.append((sel, int(t), w_i, s_i))
+            score = a_words[w_i, ids] if sel == "absolute" else a_words[w_i, ids] / a_max[ids]
+            members.extend(
+                {
+                    "selection": sel,
+                    "token_id": int(t),
+                    "token": tok[t],
+                    "rank": r + 1,
+                    "neuron_id": int(i),
+                    "layer": int(i) // tx.width,
+                    "index": int(i) % tx.width,
+                    "score": float(sc),
+                }
+                for r, (i, sc) in enumerate(zip(ids, score))
+            )
+    targets = tz.Targets.groups(groups)
+    seeds = tz.row_seeds(params["seed"], 2, [int(k) * 10**7 + s_i * 10**6 + t for _, t, _, s_i in meta])
+    print(f"optimising {len(groups)} groups of k={k} ({', '.join(params['selections'])}) for {params['steps']} steps", flush=True)
+    res = tz.maximise(tx, targets, seeds, progress=True, desc=f"groups k={k}", **_ascent_kwargs(params))
+
+    space = params["compare_space"]
+    cand = scan.candidates
+    row_t = np.array([t for _, t, _, _ in meta], np.int64)
+    with torch.no_grad():
+        oi = tx.compare_vectors(torch.from_numpy(res.static).to(tx.device), space)
+        wv = tx.word_vectors(cand, space)
+        n_show = max(params["n_closest"], 1)
+        top_ids, top_cos = tz.closest_words(oi, wv, cand, n_show)
+        tv = tx.word_vectors(row_t, space)
+        cos_t = torch.nn.functional.cosine_similarity(oi.float(), tv.float(), dim=-1).cpu().numpy()
+        ranks = tz.rank_of(oi, wv, cand, row_t)
+    act_target = np.array([a_words[w_i, [layer * tx.width + i for layer, i in g]].mean() for (_, _, w_i, _), g in zip(meta, groups)])
+    frame = pd.DataFrame(
+        {
+            "selection": [m[0] for m in meta],
+            "k": int(k),
+            "token_id": row_t,
+            "token": tok[row_t],
+            "kind": words["kind"].to_numpy()[[m[2] for m in meta]],
+            "cos_target": cos_t,
+            "act_optimized": res.activation,
+            "act_initial": res.initial,
+            "act_target": act_target,
+            "target_rank": ranks,
+            "target_is_closest": ranks == 1,
+            f"target_in_top_{params['top_n']}": ranks <= params["top_n"],
+            "closest_id": top_ids[:, 0],
+            "closest": tok[top_ids[:, 0]],
+            "closest_cos": top_cos[:, 0],
+            "closest_words": [
+                closest_label(tok[top_ids[r, : params["n_closest"]]], top_cos[r, : params["n_closest"]]) for r in range(len(meta))
+            ],
+            "max_layer": [max(layer for layer, _ in g) for g in groups],
+        }
+    )
+    tables.write_csv(outputs["groups"], frame)
+    tables.write_csv(outputs["neurons"], pd.DataFrame(members))
+    _write_h5(
+        outputs["optimized"],
+        {
+            "x": res.x,
+            "static": res.static,
+            "token_id": row_t,
+            "activation": res.activation,
+            "history_steps": res.history_steps,
+            "history": res.history,
+        },
+        {
+            **res.attrs,
+            "k": int(k),
+            "selections": ",".join(params["selections"]),
+            "model": tx.lm.manifest["model"],
+            "site": tx.site,
+            "compare_space": space,
+            "config_hash": config_hash(dict(params)),
+        },
+    )
+    for sel, part in frame.groupby("selection", sort=False):
+        print(f"k={k} {sel}: cos(oi, target) {part['cos_target'].mean():.3f}; target closest {100 * part['target_is_closest'].mean():.0f}%")
+    return frame
+
+
+# ----------------------------------------------------------------------------- tables and figures
+
+
+def textualization_tables(inputs: Mapping[str, Any], outputs: Mapping[str, str], params: Mapping[str, Any]) -> None:
+    """Rule textualization_tables: Tables 1–5 (CSV + markdown) and Figs. 2–5 of one model."""
+    from neuronatlas.textualization import figures as tplot
+    from neuronatlas.textualization.paper_tables import group_tables, single_tables
+
+    model = params["model"]
+    setup = (
+        f"{model}, site {params['site']}, {params['optimizer']} lr {params['lr']}, {params['steps']} steps, "
+        f"vectors compared in the `{params['compare_space']}` space"
+    )
+    if inputs.get("neurons"):
+        neurons = pd.read_csv(inputs["neurons"], keep_default_na=False)
+        tabs = single_tables(neurons, params["single_examples"], params["seed"])
+        _write_table(
+            outputs["table1_csv"],
+            outputs["table1_md"],
+            tabs["table1"],
+            f"Table 1 — single neurons ({setup})",
+            "optimized = the optimised input of each sampled neuron; word = its most activating vocabulary item.",
+        )
+        _write_table(outputs["table2_csv"], outputs["table2_md"], tabs["table2"], f"Table 2 — closest words of example neurons ({model})")
+        _write_table(
+            outputs["trends_csv"],
+            outputs["trends_md"],
+            tabs["trends"],
+            f"Trends over layers (OLS on layer, {model})",
+            "beta: change per layer; t = beta / SE with df = n - 2; p two-sided.",
+        )
+        pca = pd.read_parquet(inputs["pca"])
+        hist = _history(inputs["optimized"])
+        tplot.activation_strength(neurons, outputs["fig2_activation"], model)
+        tplot.activation_per_layer(neurons, tabs["trends"], outputs["fig3_activation_per_layer"], model)
+        tplot.cosine_per_layer(neurons, tabs["trends"], outputs["fig4_cosine_per_layer"], model)
+        tplot.pca(pca, outputs["fig5_pca"], model)
+        tplot.convergence(hist, neurons, outputs["convergence"], model)
+    if inputs.get("groups"):
+        groups = pd.concat([pd.read_csv(p, keep_default_na=False) for p in inputs["groups"]], ignore_index=True)
+        tabs, ek = group_tables(groups, params["top_n"], params["group_examples"], params["example_k"])
+        _write_table(
+            outputs["table3_csv"],
+            outputs["table3_md"],
+            tabs["table3"],
+            f"Table 3 — groups of neurons ({setup})",
+            "cos_target: cosine of the optimised input to the target word; act_*: mean activation over the group's neurons.",
+        )
+        _write_table(
+            outputs["table4_csv"],
+            outputs["table4_md"],
+            tabs["table4"],
+            f"Table 4 — is the target word the closest word / in the {params['top_n']} closest? ({model})",
+        )
+        t5 = tabs["table5"]
+        shown = t5.loc[t5.selection == ("relative" if (t5.selection == "relative").any() else t5.selection.iloc[0])].head(
+            params["group_examples"]
+        )
+        _write_table(
+            outputs["table5_csv"],
+            outputs["table5_md"],
+            t5,
+            f"Table 5 — closest words of optimised group inputs, k = {ek} ({model})",
+            f"The first {len(shown)} target words of the relative selection; {len(t5)} rows in the CSV.",
+            shown,
+        )
+        tplot.groups(tabs["table3"], tabs["table4"], params["top_n"], outputs["groups"], model)
+
+
+def _write_table(csv: str, md: str, frame: pd.DataFrame, title: str, note: str | None = None, shown: pd.DataFrame | None = None) -> None:
+    """A paper table as CSV (all rows) and markdown (`shown` rows, default all)."""
+    tables.write_csv(csv, frame)
+    tables.write_text(md, tables.markdown(frame if shown is None else shown, float_format="{:.3f}", title=title, note=note))
+
+
+def _history(path: str) -> dict[str, np.ndarray]:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return {"steps": f["history_steps"][()], "history": f["history"][()], "neuron_id": f["neuron_id"][()]}

@@ -1,0 +1,87 @@
+"""The ablation stage inside the tiny end-to-end DAG: outputs, provenance, glue = library, incremental re-runs."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+
+from neuronatlas.core import models
+from neuronatlas.core.ablation import ablation_values
+from neuronatlas.core.corpus import read_shard
+from neuronatlas.intervention import dag as intervention_dag
+from neuronatlas.intervention import evaluation as I
+
+import helpers
+
+
+def test_ablation_outputs_of_the_tiny_dag(tiny_dag):
+    work, cfg = tiny_dag
+    R = Path(cfg["results_dir"])
+    triples = intervention_dag.grid(cfg)
+    assert triples == [("tbert", "fix", "mlp")]
+    names = [intervention_dag.clustering_name(*c) for c in intervention_dag.clusterings(cfg)]
+    assert names == ["raw/k2", "smooth/k2", "raw/k4", "smooth/k4", "raw/k2-refined", "raw/k4-refined"]
+    for name in names:
+        df = pd.read_csv(R / "tbert" / "fix" / "mlp" / "intervention" / f"{name}.csv")
+        assert len(df) == 2 and set(df["status"]) <= {"ok", "empty_corpus", "no_tokens"}
+        assert (df["head"] == "fitted").all() and df["head_heldout_loss"].notna().all()
+        assert (df["objective"] == "masked_lm").all()
+    table = pd.read_csv(R / "tables" / "intervention" / "table3.csv")
+    assert len(table) == len(names) and set(table["largest"]) <= {"cluster", "random", "random_layer", "random_position"}
+    assert "fitted" in (R / "tables" / "intervention" / "table3.md").read_text()
+    assert (R / "figures" / "intervention" / "fig4" / "tbert" / "fix" / "mlp.png").stat().st_size > 1000
+    metrics = R / "models" / "tbert" / "mlm_head-metrics.json"
+    assert metrics.exists() and (R / "models" / "tbert" / "mlm_head" / "config.json").exists()
+
+
+def test_dag_csv_equals_direct_library_computation(tiny_dag):
+    work, cfg = tiny_dag
+    R = Path(cfg["results_dir"])
+    site = R / "tbert" / "fix" / "mlp"
+    lm = models.load(R / "models" / "tbert" / "manifest.json", "cpu", "float32", head=True, head_path=R / "models" / "tbert" / "mlm_head")
+    st = intervention_dag.settings(cfg, "tbert")
+    pool = I.sentence_pool(lm.tokenizer, [read_shard(R / "corpora" / "fix" / "shards" / "shard-2.parquet")], st["min_tokens"])
+    values = ablation_values(site / "activations" / "stats.h5", st["mode"])
+    dag = pd.read_csv(site / "intervention" / "smooth" / "k4.csv")
+    key = {c: dag[c].iloc[0] for c in ("model", "dataset", "site", "head", "head_heldout_loss", "head_heldout_top1")}
+    key.update(variant="smooth", k=4, refined=False, mode="mean")
+    with torch.inference_mode():
+        direct = I.evaluate_clustering(
+            lm,
+            "mlp",
+            values,
+            pd.read_parquet(site / "clusters" / "smooth" / "k4.parquet"),
+            pd.read_csv(site / "explanations" / "smooth" / "k4.csv", keep_default_na=False),
+            pool,
+            I.Settings.from_config(st),
+            key,
+            cfg["seed"],
+        )
+    num = [c for c in dag.columns if dag[c].dtype.kind == "f"]
+    pd.testing.assert_frame_equal(dag[num].reset_index(drop=True), direct[num].astype(float).reset_index(drop=True), rtol=1e-6)
+    assert dag["cluster"].tolist() == direct["cluster"].tolist() and dag["status"].tolist() == direct["status"].tolist()
+
+
+def _dry_run_jobs(work: Path, cfg: dict) -> set[str]:
+    (work / "edited.yaml").write_text(yaml.safe_dump(cfg))
+    proc = helpers.snakemake(work, "-n", "--quiet", "rules", configfile="edited.yaml")
+    return set(re.findall(r"^(\w+)\s+\d+\s*$", proc.stdout, flags=re.M)) - {"total", "all"}
+
+
+def test_config_edits_rerun_only_the_affected_intervention_dag(tiny_dag, tokenizers):
+    work, _ = tiny_dag
+    base = helpers.tiny_config(work, tokenizers)
+    cfg = copy.deepcopy(base)
+    cfg["intervention"]["seeds"] = 3
+    assert _dry_run_jobs(work, cfg) == {"intervention_ablate", "intervention_table"}
+    cfg = copy.deepcopy(base)
+    cfg["mlm_head"]["epochs"] = 2
+    assert _dry_run_jobs(work, cfg) >= {"fit_mlm_head", "intervention_ablate", "intervention_table"}
+    cfg = copy.deepcopy(base)
+    cfg["intervention"]["figure"] = {"k": 4}
+    assert _dry_run_jobs(work, cfg) == {"intervention_table"}

@@ -1,0 +1,115 @@
+"""Job resources come from the data a job reads (corpus and model manifests, store and representation shapes),
+fall back to the config before the data exists, and grow with Snakemake's `attempt`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from neuronatlas.activations import dag as activations_dag
+from neuronatlas.clusters import dag as clusters_dag
+from neuronatlas.core import config as core_config
+from neuronatlas.core import corpus, store
+from neuronatlas.core import resources as estimate
+
+import helpers
+
+
+def _short_documents(folder, n: int = 562, words: int = 12) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "docs.jsonl", "w") as fh:
+        for i in range(n):
+            fh.write(json.dumps({"text": " ".join(f"word{(i + j) % 97}" for j in range(words))}) + "\n")
+
+
+def _config(tmp_path, device: str = "cpu") -> dict:
+    cfg = helpers.tiny_config(tmp_path)
+    cfg["device"] = device
+    cfg["datasets"]["notes_big"] = {"source": "files", "glob": str(tmp_path / "corpus" / "*.jsonl"), "shards": 2}
+    cfg["models"]["bert"] = {
+        "source": "hub",
+        "id": "bert-base-uncased",
+        "sites": ["residual", "mlp"],
+        "datasets": ["notes_big"],
+        "max_length": 512,
+        "batch_tokens": 8192,
+    }
+    return core_config.validate(cfg)
+
+
+def test_an_uncapped_files_corpus_of_562_short_documents_gets_minutes_not_days(tmp_path):
+    _short_documents(tmp_path / "corpus")
+    cfg = _config(tmp_path)
+    # before the corpus is sharded: the size of the files on disk bounds the words
+    before = activations_dag.extraction_resources(cfg, "bert", "notes_big", 0)
+    assert before["runtime"] < 60, before
+    # once sharded: the shard's words from the corpus manifest
+    shards = [tmp_path / "shards" / f"shard-{i}.parquet" for i in range(2)]
+    manifest = tmp_path / "manifest.json"
+    corpus.build_shards(cfg["datasets"]["notes_big"], "notes_big", 0, shards, manifest)
+    after = activations_dag.extraction_resources(cfg, "bert", "notes_big", 0, {"corpus": str(manifest)})
+    words = json.loads(manifest.read_text())["shards"][0]["words"]
+    assert words == pytest.approx(562 * 12 / 2, abs=12)
+    assert after["runtime"] < 60 and after["runtime"] <= before["runtime"] + 1, after
+    # the token budget from the manifest, checked by hand: 6 FLOP per parameter and token at 2e10 FLOP/s
+    tokens = estimate.TOKENS_PER_WORD * words
+    assert after["runtime"] == int(np.ceil(max(estimate.MIN_RUNTIME, 5 + 2 * 6 * 110e6 * tokens / 2e10 / 60)))
+
+
+def test_a_retry_asks_for_more_memory_and_time(tmp_path):
+    _short_documents(tmp_path / "corpus")
+    cfg = _config(tmp_path)
+    first = activations_dag.extraction_resources(cfg, "bert", "notes_big", 0, attempt=1)
+    second = activations_dag.extraction_resources(cfg, "bert", "notes_big", 0, attempt=2)
+    assert second["mem_mb"] == pytest.approx(2 * first["mem_mb"], abs=2)
+    assert second["runtime"] == pytest.approx(2 * first["runtime"], abs=2)
+
+
+def test_the_model_manifest_and_dtype_decide_the_weights(tmp_path):
+    _short_documents(tmp_path / "corpus")
+    cfg = _config(tmp_path, device="cuda")
+    shape = estimate.shape_of(cfg["models"], "bert")
+    assert estimate.weights_mb(shape, "auto", gpu=True) == pytest.approx(estimate.weights_mb(shape, "float32") / 2)
+    manifest = tmp_path / "model.json"
+    manifest.write_text(json.dumps({"n_params": 4e9, "sites": {"mlp": [10, 4096], "residual": [11, 1024]}, "vocab_size": 1000}))
+    small = activations_dag.extraction_resources(cfg, "bert", "notes_big", 0)
+    big = activations_dag.extraction_resources(cfg, "bert", "notes_big", 0, {"manifest": str(manifest)})
+    assert big["mem_mb"] > small["mem_mb"] + 4e9 * 2 / 2**20  # the manifest's 4e9 bf16 parameters, not BERT's
+
+
+def test_merge_memory_follows_the_shard_files(tmp_path):
+    cfg = _config(tmp_path)
+    files = []
+    for i, n_ids in enumerate((5, 4000)):
+        stats = store.SiteStats(
+            np.arange(n_ids, dtype=np.int64),
+            np.ones(n_ids, np.int64),
+            np.zeros((2, n_ids, 8)),
+            {n: np.zeros((2, 8), np.int64 if n == "count" else np.float64) for n in store.NEURON_FIELDS},
+            store.empty_topk(2, 8, 2),
+            {"model": "bert", "dataset": "notes_big", "site": "mlp", "n_tokens": n_ids},
+        )
+        files.append(tmp_path / f"shard-{i}.h5")
+        store.write_sites(files[-1], {"mlp": stats})
+    small = activations_dag.merge_resources(cfg, "bert", "notes_big", "mlp", files[:1])
+    large = activations_dag.merge_resources(cfg, "bert", "notes_big", "mlp", files)
+    per_layer = 3072  # BERT-base's MLP width: the merge holds one layer of token sums, twice, in float64
+    assert large["mem_mb"] - small["mem_mb"] == pytest.approx(4000 * per_layer * 16 / 2**20, abs=2)
+
+
+def test_cluster_jobs_read_the_representation_shape(tmp_path):
+    from neuronatlas.clusters import representations as rp
+
+    cfg = helpers.tiny_config(tmp_path)
+    cfg = core_config.validate(cfg)
+    rep = rp.Representation(
+        np.zeros((0, 0), np.float32), np.arange(3000), np.ones(3000, np.int64), ["t"] * 3000, ["t"] * 3000, 2, 48, {"variant": "raw"}
+    )
+    path = tmp_path / "raw.h5"
+    rp.write(path, rep)
+    wide = clusters_dag.resources(cfg, "tree", "tbert", "fix", "mlp", str(path))
+    guess = clusters_dag.resources(cfg, "tree", "tbert", "fix", "mlp", None)
+    assert wide["mem_mb"] > guess["mem_mb"]  # 3,000 tokens on file, far more than the tiny corpus suggests
+    assert wide["mem_mb"] >= 800 + 2.2 * 96 * 3000 * 4 / 2**20
