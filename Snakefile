@@ -31,6 +31,7 @@ include: "workflow/rules/intervention.smk"
 include: "workflow/rules/n2g.smk"
 include: "workflow/rules/textualization.smk"
 include: "workflow/rules/modularity.smk"
+include: "workflow/rules/replication.smk"
 
 
 report: "workflow/report/workflow.rst"

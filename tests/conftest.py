@@ -64,10 +64,10 @@ def tiny_dag(tmp_path_factory, tokenizers):
     """
     import yaml
 
-    from neuronatlas.core import config as nacfg
+    from neuronatlas.core import config as core_config
 
     work = tmp_path_factory.mktemp("dag")
     cfg = helpers.tiny_config(work, tokenizers)
     (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     helpers.snakemake(work)
-    return work, nacfg.validate(cfg)
+    return work, core_config.validate(cfg)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from neuronatlas.bench import dag as bdag
+from neuronatlas.bench import dag as bench_dag
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / ".test" / "data"
@@ -122,7 +122,7 @@ def snakemake(workdir: Path, *args: str, configfile: str = "tiny.yaml", check: b
         *args,
     ]
     # not a SLURM run: skip the SLURM plugin's import-time `scontrol` probe (~9 s where no controller answers)
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=bdag.without_slurm_probe(os.environ))
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=bench_dag.without_slurm_probe(os.environ))
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from neuronatlas.core import ablation as A
-from neuronatlas.core import extract, models, store
+from neuronatlas.core import ablation, extract, models, store
 from neuronatlas.core.errors import NeuronAtlasError
 
 import helpers
@@ -20,12 +19,12 @@ def lms(tiny_models):
     return {name: models.load(path, "cpu", "float32", 1, head=True) for name, path in tiny_models.items()}
 
 
-def examples(lm, n: int = 6, seed: int = 0) -> list[A.TokenExample]:
+def examples(lm, n: int = 6, seed: int = 0) -> list[ablation.TokenExample]:
     rng = np.random.default_rng(seed)
     out = []
     for text in helpers.fixture_texts()[:n]:
         ids = np.asarray(lm.tokenizer(text[:120], add_special_tokens=False)["input_ids"], np.int64)[:20]
-        out.append(A.TokenExample(ids, np.sort(rng.choice(len(ids), size=min(3, len(ids)), replace=False))))
+        out.append(ablation.TokenExample(ids, np.sort(rng.choice(len(ids), size=min(3, len(ids)), replace=False))))
     return out
 
 
@@ -60,7 +59,7 @@ def naive_loss(lm, site, exs, condition, values) -> tuple[float, float, int]:
         else:
             inp = torch.tensor([prefix + ids + suffix])
             pairs = [(len(prefix) + int(t) - 1, ids[int(t)]) for t in ex.targets if len(prefix) + int(t) >= 1]
-        with torch.inference_mode(), A.ablated(lm.model, lm.family, site, condition, values):
+        with torch.inference_mode(), ablation.ablated(lm.model, lm.family, site, condition, values):
             logits = lm.model(input_ids=inp, attention_mask=torch.ones_like(inp)).logits[0]
         for pos, label in pairs:
             tot += float(F.cross_entropy(logits[pos : pos + 1], torch.tensor([label])))
@@ -75,14 +74,14 @@ def test_loss_only_at_target_positions_matches_naive_loop(lms, name, site):
     exs = examples(lm)
     vals = values_for(lm, site)
     conds = [np.zeros((0, 2)), *conditions(lm.manifest["sites"][site], 3, 9)]
-    sc = A.evaluate(
+    sc = ablation.evaluate(
         lm.model,
         lm.family,
         site,
-        A.token_batches(lm.manifest, exs, batch_tokens=64),
+        ablation.token_batches(lm.manifest, exs, batch_tokens=64),
         conds,
         vals,
-        A.objective_for(lm.manifest["kind"]),
+        ablation.objective_for(lm.manifest["kind"]),
         budget=200,
     )
     for c, cond in enumerate(conds):
@@ -97,19 +96,19 @@ def test_loss_only_at_target_positions_matches_naive_loop(lms, name, site):
 
 def test_ablating_nothing_reproduces_the_base_loss_exactly(lms):
     lm = lms["bert"]
-    batches = A.token_batches(lm.manifest, examples(lm), batch_tokens=64)
+    batches = ablation.token_batches(lm.manifest, examples(lm), batch_tokens=64)
     vals = values_for(lm, "residual")
     conds = [np.zeros((0, 2)), conditions(lm.manifest["sites"]["residual"], 1, 5)[0], []]
-    sc = A.evaluate(lm.model, lm.family, "residual", batches, conds, vals, A.objective_for("masked_lm"))
+    sc = ablation.evaluate(lm.model, lm.family, "residual", batches, conds, vals, ablation.objective_for("masked_lm"))
     assert sc.loss_sum[0] == sc.base_loss_sum and sc.loss_sum[2] == sc.base_loss_sum
     assert sc.change_pct[0] == 0.0
     # through the stacking path too: an empty condition's rows in a stacked forward equal the bare forward
-    obj = A.objective_for("masked_lm")
+    obj = ablation.objective_for("masked_lm")
     b = batches[0]
     with torch.inference_mode():
         bare = obj(lm.model, b)
-        abl = A.condition_ablations([conds[1], conds[0]], vals, b.size, torch.float32, torch.device("cpu"))
-        with A.hooked(lm.model, lm.family, "residual", ablate=abl):
+        abl = ablation.condition_ablations([conds[1], conds[0]], vals, b.size, torch.float32, torch.device("cpu"))
+        with ablation.hooked(lm.model, lm.family, "residual", ablate=abl):
             stacked = obj(lm.model, b.repeat(2))
     assert torch.equal(stacked.loss_sum[b.size :], bare.loss_sum)
     assert not torch.equal(stacked.loss_sum[: b.size], bare.loss_sum)
@@ -141,20 +140,20 @@ def stats_path(lms, tmp_path_factory):
 @pytest.mark.parametrize("site", ["mlp", "residual"])
 def test_hook_sets_ablated_neurons_to_their_stored_mean(lms, stats_path, site):
     lm = lms["bert"]
-    vals = A.ablation_values(stats_path[site], "mean")
+    vals = ablation.ablation_values(stats_path[site], "mean")
     with store.open_store(stats_path[site]) as s:
         np.testing.assert_array_equal(vals, s.neuron_mean().astype(np.float32))
     L, W = vals.shape
     cond = np.array([[0, 1], [0, 5], [L - 1, 2], [L - 1, W - 1]])
-    (b,) = A.token_batches(lm.manifest, examples(lm, 3), batch_tokens=10**6)
+    (b,) = ablation.token_batches(lm.manifest, examples(lm, 3), batch_tokens=10**6)
     rec: dict[int, torch.Tensor] = {}
-    abl = A.condition_ablations([cond, np.zeros((0, 2))], vals, b.size, torch.float32, torch.device("cpu"))
+    abl = ablation.condition_ablations([cond, np.zeros((0, 2))], vals, b.size, torch.float32, torch.device("cpu"))
     bare: dict[int, torch.Tensor] = {}
     with torch.inference_mode():
-        with A.hooked(lm.model, lm.family, site, record=lambda layer, x: rec.__setitem__(layer, x.clone()), ablate=abl):
-            A.objective_for("masked_lm")(lm.model, b.repeat(2))
-        with A.hooked(lm.model, lm.family, site, record=lambda layer, x: bare.__setitem__(layer, x.clone())):
-            A.objective_for("masked_lm")(lm.model, b)
+        with ablation.hooked(lm.model, lm.family, site, record=lambda layer, x: rec.__setitem__(layer, x.clone()), ablate=abl):
+            ablation.objective_for("masked_lm")(lm.model, b.repeat(2))
+        with ablation.hooked(lm.model, lm.family, site, record=lambda layer, x: bare.__setitem__(layer, x.clone())):
+            ablation.objective_for("masked_lm")(lm.model, b)
     n = b.size
     for layer, idx in cond:
         got = rec[int(layer)][:n, :, int(idx)]
@@ -166,18 +165,18 @@ def test_hook_sets_ablated_neurons_to_their_stored_mean(lms, stats_path, site):
     for layer in rec:
         assert torch.equal(rec[layer][n:], bare[layer])
     # zero mode
-    assert not A.ablation_values(stats_path[site], "zero").any()
+    assert not ablation.ablation_values(stats_path[site], "zero").any()
 
 
 def test_stacked_equals_one_condition_per_forward_and_is_deterministic(lms):
     lm = lms["gpt2"]
-    batches = A.token_batches(lm.manifest, examples(lm, 6), batch_tokens=48)
+    batches = ablation.token_batches(lm.manifest, examples(lm, 6), batch_tokens=48)
     vals = values_for(lm, "mlp")
     conds = conditions(lm.manifest["sites"]["mlp"], 7, 6, seed=3)
-    obj = A.objective_for("causal_lm")
-    stacked = A.evaluate(lm.model, lm.family, "mlp", batches, conds, vals, obj, budget=10**6)
-    loop = A.evaluate(lm.model, lm.family, "mlp", batches, conds, vals, obj, max_stack=1)
-    again = A.evaluate(lm.model, lm.family, "mlp", batches, conds, vals, obj, budget=10**6)
+    obj = ablation.objective_for("causal_lm")
+    stacked = ablation.evaluate(lm.model, lm.family, "mlp", batches, conds, vals, obj, budget=10**6)
+    loop = ablation.evaluate(lm.model, lm.family, "mlp", batches, conds, vals, obj, max_stack=1)
+    again = ablation.evaluate(lm.model, lm.family, "mlp", batches, conds, vals, obj, budget=10**6)
     assert stacked.forwards == 2 * len(batches) and loop.forwards == (1 + len(conds)) * len(batches)
     np.testing.assert_allclose(stacked.loss_sum, loop.loss_sum, rtol=1e-5)
     np.testing.assert_array_equal(stacked.count, loop.count)
@@ -187,17 +186,17 @@ def test_stacked_equals_one_condition_per_forward_and_is_deterministic(lms):
 def test_next_token_batches_all_positions_and_trimming(lms):
     lm = lms["gpt2"]
     man = dict(lm.manifest, prefix_ids=[7], suffix_ids=[9])
-    ex = A.TokenExample(np.array([11, 12, 13, 14, 15]), np.array([0, 2]))
-    (b,) = A.next_token_batches(man, [ex])
+    ex = ablation.TokenExample(np.array([11, 12, 13, 14, 15]), np.array([0, 2]))
+    (b,) = ablation.next_token_batches(man, [ex])
     # input [7, 11, 12] (trimmed after the last target 12 at position 3 - 1 = 2), labels at t-1
     assert b.inputs["input_ids"].tolist() == [[7, 11, 12]]
-    assert b.targets.tolist() == [[11, A.IGNORE, 13]]
-    (b,) = A.next_token_batches(man, [ex], all_positions=True)
+    assert b.targets.tolist() == [[11, ablation.IGNORE, 13]]
+    (b,) = ablation.next_token_batches(man, [ex], all_positions=True)
     assert b.inputs["input_ids"].tolist() == [[7, 11, 12, 13, 14]]
     assert b.targets.tolist() == [[11, 12, 13, 14, 15]]
-    (b,) = A.masked_lm_batches(dict(man, mask_id=3), [ex])
+    (b,) = ablation.masked_lm_batches(dict(man, mask_id=3), [ex])
     assert b.inputs["input_ids"].tolist() == [[7, 3, 12, 3, 14, 15, 9]]
-    assert b.targets.tolist() == [[A.IGNORE, 11, A.IGNORE, 13, A.IGNORE, A.IGNORE, A.IGNORE]]
+    assert b.targets.tolist() == [[ablation.IGNORE, 11, ablation.IGNORE, 13, ablation.IGNORE, ablation.IGNORE, ablation.IGNORE]]
 
 
 def test_image_classification_objective_matches_naive():
@@ -221,9 +220,11 @@ def test_image_classification_objective_matches_naive():
     y = np.array([0, 1, 2, 1, 0])
     vals = np.random.default_rng(0).normal(size=(2, 32)).astype(np.float32)
     conds = [np.zeros((0, 2)), np.array([[0, 3], [1, 4], [1, 7]])]
-    sc = A.evaluate(model, FAMILIES["vit"], "mlp", A.image_batches(px, y, batch_size=2), conds, vals, A.ImageClassification(), budget=4)
+    sc = ablation.evaluate(
+        model, FAMILIES["vit"], "mlp", ablation.image_batches(px, y, batch_size=2), conds, vals, ablation.ImageClassification(), budget=4
+    )
     for c, cond in enumerate(conds):
-        with torch.inference_mode(), A.ablated(model, FAMILIES["vit"], "mlp", cond, vals):
+        with torch.inference_mode(), ablation.ablated(model, FAMILIES["vit"], "mlp", cond, vals):
             logits = model(pixel_values=px).logits
         assert sc.loss[c] == pytest.approx(float(F.cross_entropy(logits, torch.from_numpy(y))), rel=1e-5)
         assert sc.accuracy[c] == pytest.approx(float((logits.argmax(-1).numpy() == y).mean()))
@@ -232,12 +233,12 @@ def test_image_classification_objective_matches_naive():
 
 def test_errors_name_the_problem(lms):
     lm = lms["bert"]
-    batches = A.token_batches(lm.manifest, examples(lm, 2))
+    batches = ablation.token_batches(lm.manifest, examples(lm, 2))
     vals = values_for(lm, "mlp")
     with pytest.raises(NeuronAtlasError, match="outside the site"):
-        A.evaluate(lm.model, lm.family, "mlp", batches, [np.array([[0, 10_000]])], vals, A.objective_for("masked_lm"))
+        ablation.evaluate(lm.model, lm.family, "mlp", batches, [np.array([[0, 10_000]])], vals, ablation.objective_for("masked_lm"))
     with pytest.raises(NeuronAtlasError, match="allowed: mean, zero"):
-        A.ablation_values(vals, "median")
+        ablation.ablation_values(vals, "median")
     with pytest.raises(NeuronAtlasError, match=r"\(n, 2\)"):
-        A.as_neuron_set([1, 2, 3])
-    assert A.neuron_set([1, 0, 1], [2, 5, 2]).tolist() == [[0, 5], [1, 2]]
+        ablation.as_neuron_set([1, 2, 3])
+    assert ablation.neuron_set([1, 0, 1], [2, 5, 2]).tolist() == [[0, 5], [1, 2]]

@@ -8,7 +8,7 @@ import pytest
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist, squareform
 
-from neuronatlas.clusters import clustering as cl
+from neuronatlas.clusters import clustering
 from neuronatlas.core.errors import NeuronAtlasError
 
 
@@ -27,21 +27,21 @@ def same_partition(a, b) -> bool:
 
 def test_condensed_distances_equal_scipy():
     X, _ = blobs(101, 17)
-    d = cl.condensed_cosine_distances(cl.unit_rows(X), block_mb=0.001)  # many blocks
+    d = clustering.condensed_cosine_distances(clustering.unit_rows(X), block_mb=0.001)  # many blocks
     np.testing.assert_allclose(d, pdist(X.astype(np.float64), "cosine"), atol=1e-6)
 
 
 def test_zero_rows_are_at_distance_one():
     X = np.array([[1, 0], [0, 0], [0, 1]], np.float32)
-    np.testing.assert_allclose(cl.condensed_cosine_distances(cl.unit_rows(X)), [1, 1, 1], atol=1e-7)
+    np.testing.assert_allclose(clustering.condensed_cosine_distances(clustering.unit_rows(X)), [1, 1, 1], atol=1e-7)
 
 
 @pytest.mark.parametrize("k", [2, 3, 7, 25])
 def test_cut_equals_scipy_reference(k):
     X, _ = blobs()
-    tree = cl.build_tree(X)
+    tree = clustering.build_tree(X)
     ref = fcluster(linkage(pdist(X.astype(np.float64), "cosine"), "complete"), k, "maxclust")
-    labels = cl.cut(tree, k)
+    labels = clustering.cut(tree, k)
     assert labels.min() == 0 and labels.max() == k - 1
     assert same_partition(labels, ref)
 
@@ -50,42 +50,42 @@ def test_one_tree_cut_at_several_k_equals_separate_clusterings():
     from sklearn.cluster import AgglomerativeClustering
 
     X, _ = blobs(180, 30, groups=9, noise=1.0, seed=3)
-    tree = cl.build_tree(X)
+    tree = clustering.build_tree(X)
     for k in (2, 5, 9, 20, 60):
         sep = AgglomerativeClustering(n_clusters=k, metric="cosine", linkage="complete").fit_predict(X.astype(np.float64))
-        assert same_partition(cl.cut(tree, k), sep), k
+        assert same_partition(clustering.cut(tree, k), sep), k
 
 
 def test_labels_are_numbered_by_first_member_and_deterministic(tmp_path):
     X, _ = blobs()
-    tree = cl.build_tree(X)
-    labels = cl.cut(tree, 10)
+    tree = clustering.build_tree(X)
+    labels = clustering.cut(tree, 10)
     firsts = [int(np.flatnonzero(labels == c)[0]) for c in range(10)]
     assert firsts == sorted(firsts) and labels[0] == 0
-    cl.save_tree(tmp_path / "t.npz", tree)
-    back = cl.load_tree(tmp_path / "t.npz")
-    assert back.method == "exact" and np.array_equal(cl.cut(back, 10), labels)
+    clustering.save_tree(tmp_path / "t.npz", tree)
+    back = clustering.load_tree(tmp_path / "t.npz")
+    assert back.method == "exact" and np.array_equal(clustering.cut(back, 10), labels)
 
 
 def test_k_larger_than_neurons_or_centroids_is_a_clear_error():
     X, _ = blobs(30, 8)
     with pytest.raises(NeuronAtlasError, match="only 30 neurons; lower clustering.k"):
-        cl.cut(cl.build_tree(X), 31)
-    tree = cl.build_tree(X, "centroids", n_centroids=5, projection_dims=None)
+        clustering.cut(clustering.build_tree(X), 31)
+    tree = clustering.build_tree(X, "centroids", n_centroids=5, projection_dims=None)
     with pytest.raises(NeuronAtlasError, match="centroids.n"):
-        cl.cut(tree, 6)
+        clustering.cut(tree, 6)
 
 
 def test_heights_are_the_max_pairwise_distance_of_complete_linkage():
     X, _ = blobs(150, 20, noise=1.2)
-    U = cl.unit_rows(X)
-    tree = cl.build_tree(X)
+    U = clustering.unit_rows(X)
+    tree = clustering.build_tree(X)
     D = squareform(pdist(X.astype(np.float64), "cosine"))
     for k in (3, 10, 40):
-        labels = cl.cut(tree, k)
-        heights = cl.cluster_heights(tree, k)
-        w = cl.within_cluster_distances(U, labels)
-        w2 = cl.within_cluster_distances(U, labels, heights)
+        labels = clustering.cut(tree, k)
+        heights = clustering.cluster_heights(tree, k)
+        w = clustering.within_cluster_distances(U, labels)
+        w2 = clustering.within_cluster_distances(U, labels, heights)
         for c in range(k):
             m = np.flatnonzero(labels == c)
             if m.size < 2:
@@ -113,9 +113,9 @@ def naive_refine(U, members, threshold):
 @pytest.mark.parametrize("threshold", [0.3, 0.6, 0.9, 2.5])
 def test_refinement_equals_naive_and_stops_at_threshold(threshold):
     X, _ = blobs(200, 25, groups=4, noise=1.5, seed=1)
-    labels = cl.cut(cl.build_tree(X), 6)
-    keep, trace = cl.refine(X, labels, threshold)
-    U = cl.unit_rows(X)
+    labels = clustering.cut(clustering.build_tree(X), 6)
+    keep, trace = clustering.refine(X, labels, threshold)
+    U = clustering.unit_rows(X)
     for c in range(6):
         mem, curve = naive_refine(U, np.flatnonzero(labels == c), threshold)
         sel = trace["cluster"] == c
@@ -133,7 +133,7 @@ def test_refinement_equals_naive_and_stops_at_threshold(threshold):
 def test_refinement_rejects_nonpositive_threshold():
     X, _ = blobs(20, 5)
     with pytest.raises(NeuronAtlasError):
-        cl.refine(X, np.zeros(20, np.int64), 0.0)
+        clustering.refine(X, np.zeros(20, np.int64), 0.0)
 
 
 def test_adjusted_rand_index_equals_sklearn():
@@ -142,9 +142,9 @@ def test_adjusted_rand_index_equals_sklearn():
     rng = np.random.default_rng(0)
     for _ in range(5):
         a, b = rng.integers(0, 6, 300), rng.integers(0, 4, 300)
-        assert cl.adjusted_rand_index(a, b) == pytest.approx(adjusted_rand_score(a, b), abs=1e-12)
+        assert clustering.adjusted_rand_index(a, b) == pytest.approx(adjusted_rand_score(a, b), abs=1e-12)
     a = rng.integers(0, 6, 300)
-    assert cl.adjusted_rand_index(a, (a + 3) % 6) == pytest.approx(1.0)
+    assert clustering.adjusted_rand_index(a, (a + 3) % 6) == pytest.approx(1.0)
 
 
 def test_index_shared_naive_and_index_clustering_detects_it():
@@ -153,57 +153,57 @@ def test_index_shared_naive_and_index_clustering_detects_it():
     index = np.tile(np.arange(W), L)
     # clusters = index position (perfect index clustering): every neuron shares its index
     labels = index % 10
-    shared = cl.index_shared(labels, index)
+    shared = clustering.index_shared(labels, index)
     naive = np.array(
         [any(labels[j] == labels[i] and index[j] == index[i] and layer[j] != layer[i] for j in range(L * W)) for i in range(L * W)]
     )
     assert np.array_equal(shared, naive) and shared.all()
-    st = cl.index_clustering(labels, index, L * W, index, n_random=20, seed=0)
+    st = clustering.index_clustering(labels, index, L * W, index, n_random=20, seed=0)
     assert st["share"] == 1.0 and st["random_share_mean"] < 0.5 and st["ratio"] > 2 and st["p_value"] == pytest.approx(1 / 21)
-    assert st == cl.index_clustering(labels, index, L * W, index, n_random=20, seed=0)  # seeded
+    assert st == clustering.index_clustering(labels, index, L * W, index, n_random=20, seed=0)  # seeded
     # a random clustering is not special
     rnd = np.random.default_rng(1).permutation(labels)
-    st2 = cl.index_clustering(rnd, index, L * W, index, n_random=50, seed=0)
+    st2 = clustering.index_clustering(rnd, index, L * W, index, n_random=50, seed=0)
     assert 0.5 < st2["ratio"] < 1.5
 
 
 def test_centroid_path_is_seeded_and_recovers_clear_clusters():
     X, truth = blobs(600, 60, groups=5, noise=0.3, seed=2)
-    t1 = cl.build_tree(X, "centroids", n_centroids=40, projection_dims=16, seed=7)
-    t2 = cl.build_tree(X, "centroids", n_centroids=40, projection_dims=16, seed=7)
+    t1 = clustering.build_tree(X, "centroids", n_centroids=40, projection_dims=16, seed=7)
+    t2 = clustering.build_tree(X, "centroids", n_centroids=40, projection_dims=16, seed=7)
     assert np.array_equal(t1.Z, t2.Z) and np.array_equal(t1.assignment, t2.assignment)
     assert t1.n_leaves == 40 and np.bincount(t1.assignment).min() >= 1
-    labels = cl.cut(t1, 5)
-    assert cl.adjusted_rand_index(labels, truth) > 0.95
-    assert cl.cluster_heights(t1, 5) is None
+    labels = clustering.cut(t1, 5)
+    assert clustering.adjusted_rand_index(labels, truth) > 0.95
+    assert clustering.cluster_heights(t1, 5) is None
 
 
 def test_resolve_method():
-    assert cl.resolve_method("auto", 100, 1000) == "exact"
-    assert cl.resolve_method("auto", 1001, 1000) == "centroids"
-    assert cl.resolve_method("centroids", 10, 1000) == "centroids"
+    assert clustering.resolve_method("auto", 100, 1000) == "exact"
+    assert clustering.resolve_method("auto", 1001, 1000) == "centroids"
+    assert clustering.resolve_method("centroids", 10, 1000) == "centroids"
     with pytest.raises(NeuronAtlasError):
-        cl.resolve_method("ward", 10, 10)
+        clustering.resolve_method("ward", 10, 10)
 
 
 def test_parquet_roundtrip_keeps_dtypes_and_metadata(tmp_path):
-    cols = cl.labels_table(np.array([0, 1, 1, 0, 2, 2]), width=3)
-    cl.write_parquet(tmp_path / "c.parquet", cols, {"k": 3, "variant": "filter"})
-    back = cl.read_parquet(tmp_path / "c.parquet")
+    cols = clustering.labels_table(np.array([0, 1, 1, 0, 2, 2]), width=3)
+    clustering.write_parquet(tmp_path / "c.parquet", cols, {"k": 3, "variant": "filter"})
+    back = clustering.read_parquet(tmp_path / "c.parquet")
     for name in ("neuron_id", "layer", "index", "cluster"):
         assert back[name].dtype == np.int64 and np.array_equal(back[name], cols[name])
     assert np.array_equal(back["neuron_id"], back["layer"] * 3 + back["index"])
-    assert cl.parquet_metadata(tmp_path / "c.parquet") == {"k": 3, "variant": "filter"}
+    assert clustering.parquet_metadata(tmp_path / "c.parquet") == {"k": 3, "variant": "filter"}
 
 
 @pytest.mark.parametrize("cap", [10_000, 7])
 def test_nested_max_distances_equal_brute_force(cap):
     X, _ = blobs(160, 12, groups=4, noise=1.0, seed=4)
-    U = cl.unit_rows(X)
-    tree = cl.build_tree(X, "centroids", n_centroids=30, projection_dims=None, seed=1)
+    U = clustering.unit_rows(X)
+    tree = clustering.build_tree(X, "centroids", n_centroids=30, projection_dims=None, seed=1)
     D = squareform(pdist(X.astype(np.float64), "cosine"))
-    labelings = [cl.cut(tree, k) for k in (3, 8, 20)]
-    for lab, mx in zip(labelings, cl.nested_max_distances(U, labelings, max_gram_members=cap)):
+    labelings = [clustering.cut(tree, k) for k in (3, 8, 20)]
+    for lab, mx in zip(labelings, clustering.nested_max_distances(U, labelings, max_gram_members=cap)):
         for c in range(int(lab.max()) + 1):
             m = np.flatnonzero(lab == c)
             if m.size < 2:

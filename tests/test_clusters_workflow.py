@@ -15,9 +15,8 @@ import yaml
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist
 
-from neuronatlas.clusters import clustering as cl
+from neuronatlas.clusters import clustering, representations
 from neuronatlas.clusters import dag as clusters_dag
-from neuronatlas.clusters import representations as rp
 from neuronatlas.core.io import read_json
 
 import helpers
@@ -37,22 +36,22 @@ def test_outputs_follow_the_stage_contracts(run):
     for m, d, s in grid:
         base = R / m / d / s
         for v in cfg["representations"]["variants"]:
-            rep = rp.read(base / "representations" / f"{v}.h5", values=False)
+            rep = representations.read(base / "representations" / f"{v}.h5", values=False)
             width, n = rep.width, rep.n_neurons
             for k in cfg["clustering"]["k"]:
-                full = cl.read_parquet(base / "clusters" / v / f"k{k}.parquet")
+                full = clustering.read_parquet(base / "clusters" / v / f"k{k}.parquet")
                 assert list(full) == ["neuron_id", "layer", "index", "cluster"]
                 assert all(a.dtype == np.int64 for a in full.values())
                 assert np.array_equal(full["neuron_id"], np.arange(n))
                 assert np.array_equal(full["neuron_id"], full["layer"] * width + full["index"])
                 assert sorted(set(full["cluster"])) == list(range(k))
-                ref = cl.read_parquet(base / "clusters" / v / f"k{k}-refined.parquet")
+                ref = clustering.read_parquet(base / "clusters" / v / f"k{k}-refined.parquet")
                 assert list(ref) == list(full) and set(ref["neuron_id"]) <= set(full["neuron_id"])
                 assert np.array_equal(ref["cluster"], full["cluster"][ref["neuron_id"]])
                 assert sorted(set(ref["cluster"])) == list(range(k))  # refinement never empties a cluster
                 assert (base / "clusters" / v / f"k{k}-refine-trace.parquet").exists()
                 for suffix in ("", "-refined"):
-                    with open(base / "explanations" / v / f"k{k}{suffix}.csv") as fh:
+                    with open(base / "explanations" / v / f"k{k}{suffix}.csv", newline="") as fh:
                         rows = list(csv.DictReader(fh))
                     assert list(rows[0])[:5] == ["cluster", "rank", "token_id", "token", "score"]
                     for c in {int(r["cluster"]) for r in rows}:
@@ -70,11 +69,11 @@ def test_dag_clusters_equal_a_direct_scipy_clustering(run):
     work, cfg = run
     base = Path(cfg["results_dir"]) / "tbert" / "fix" / "mlp"
     for v in cfg["representations"]["variants"]:
-        rep = rp.read(base / "representations" / f"{v}.h5", base / "activations" / "stats.h5")
+        rep = representations.read(base / "representations" / f"{v}.h5", base / "activations" / "stats.h5")
         Z = linkage(pdist(rep.values.astype(np.float64), "cosine"), "complete")
         for k in cfg["clustering"]["k"]:
-            labels = cl.read_parquet(base / "clusters" / v / f"k{k}.parquet")["cluster"]
-            assert cl.adjusted_rand_index(labels, fcluster(Z, k, "maxclust")) == pytest.approx(1.0)
+            labels = clustering.read_parquet(base / "clusters" / v / f"k{k}.parquet")["cluster"]
+            assert clustering.adjusted_rand_index(labels, fcluster(Z, k, "maxclust")) == pytest.approx(1.0)
 
 
 def test_dag_explanations_never_show_special_or_filtered_tokens(run):
@@ -82,12 +81,12 @@ def test_dag_explanations_never_show_special_or_filtered_tokens(run):
     R = Path(cfg["results_dir"])
     base = R / "tbert" / "fix" / "mlp"
     specials = set(read_json(R / "models" / "tbert" / "manifest.json")["special_ids"])
-    raw = rp.read(base / "representations" / "raw.h5", values=False)
-    filt = rp.read(base / "representations" / "filter.h5", values=False)
+    raw = representations.read(base / "representations" / "raw.h5", values=False)
+    filt = representations.read(base / "representations" / "filter.h5", values=False)
     assert not specials & set(raw.token_ids.tolist())
     assert filt.token_count.min() >= cfg["representations"]["min_count"]["fix"]
     for path in (base / "explanations").rglob("*.csv"):
-        with open(path) as fh:
+        with open(path, newline="") as fh:
             ids = {int(r["token_id"]) for r in csv.DictReader(fh)}
         assert not ids & specials
         allowed = raw if path.parent.name == "raw" else filt
@@ -139,3 +138,35 @@ def test_config_edits_rerun_only_the_affected_cluster_jobs(run):
     c["clustering"]["refine_threshold"] = 0.5
     rules = {r for r, _ in cluster_jobs(planned_jobs(work, c, "edit-threshold.yaml"))}
     assert "clusters_cut" in rules and not rules & {"clusters_tree", "clusters_representation", "clusters_sweep"}
+
+
+def test_cluster_tables_equal_a_hand_computation_from_the_clusterings(run):
+    """One row of each table, recomputed from the files it summarises without the library's table code."""
+    import pandas as pd
+
+    work, cfg = run
+    R = Path(cfg["results_dir"])
+    base = R / "tbert" / "fix" / "mlp"
+    refinement = pd.read_csv(R / "tables" / "clusters" / "refinement.csv")
+    index = pd.read_csv(R / "tables" / "clusters" / "index-clustering.csv")
+    tokens = pd.read_csv(R / "tables" / "clusters" / "tokens.csv")
+    distances = pd.read_csv(R / "tables" / "clusters" / "within-distance.csv")
+    for variant in cfg["representations"]["variants"]:
+        for k in cfg["clustering"]["k"]:
+            refined = pd.read_parquet(base / "clusters" / variant / f"k{k}-refined.parquet")
+            row = refinement[(refinement.variant == variant) & (refinement.k == k)].iloc[0]
+            sizes = refined["cluster"].value_counts().reindex(range(k), fill_value=0)
+            assert row["neurons_refined"] == len(refined) and row["median_size_refined"] == float(sizes.median())
+            assert row["singleton_clusters"] == int((sizes == 1).sum())
+            full = pd.read_parquet(base / "clusters" / variant / f"k{k}.parquet")
+            # share of neurons with a cluster mate at the same index (necessarily in another layer), by a plain loop
+            mates = sum(
+                any(o.cluster == r.cluster and o.index == r.index and o.neuron_id != r.neuron_id for o in full.itertuples())
+                for r in full.itertuples()
+            )
+            got = index[(index.variant == variant) & (index.k == k) & (~index.refined)].iloc[0]
+            assert got["share"] == pytest.approx(mates / len(full), abs=1e-4)
+    raw = representations.read(base / "representations" / "raw.h5", values=False)
+    assert tokens.iloc[0]["tokens_raw"] == len(raw.tokens) and tokens.iloc[0]["neurons"] == raw.n_neurons
+    sweep = pd.read_csv(base / "clusters" / "distance-sweep.csv")
+    assert np.allclose(distances["mean_max_distance"], sweep["mean_max_distance"], equal_nan=True)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from neuronatlas.bench import dag as bdag
-from neuronatlas.core import config as nacfg
+from neuronatlas.bench import dag as bench_dag
+from neuronatlas.core import config as core_config
 from neuronatlas.core.errors import ConfigError
 
 import helpers
@@ -24,14 +24,14 @@ def base() -> dict:
 
 def test_shipped_configs_validate():
     for name in ("demo.yaml", "config.yaml"):
-        cfg = nacfg.load(REPO / "config" / name)
+        cfg = core_config.load(REPO / "config" / name)
         assert cfg["models"] and cfg["datasets"]
         for spec in cfg["models"].values():
             assert "batch_tokens" in spec and "max_length" in spec  # defaults filled
 
 
 def test_defaults_are_filled():
-    cfg = nacfg.validate(base())
+    cfg = core_config.validate(base())
     assert cfg["device"] == "auto" and cfg["dtype"] == "auto"
     assert cfg["datasets"]["fix"]["min_chars"] == 1
     assert cfg["activations"]["token_sum_dtype"] == "float32"
@@ -83,7 +83,7 @@ def test_bad_config_is_rejected_naming_the_key(path, value, key, words):
     cfg = base()
     _set(cfg, path, value if value is _DELETE else copy.deepcopy(value))
     with pytest.raises(ConfigError) as err:
-        nacfg.validate(cfg)
+        core_config.validate(cfg)
     msg = str(err.value)
     assert f"`{key}`" in msg, msg
     assert words in msg, msg
@@ -114,7 +114,7 @@ def test_more_bad_configs():
     cases.append((cfg, "datasets", "missing required key"))
     for cfg, key, words in cases:
         with pytest.raises(ConfigError) as err:
-            nacfg.validate(cfg)
+            core_config.validate(cfg)
         assert f"`{key}`" in str(err.value) and words in str(err.value), str(err.value)
 
 
@@ -130,7 +130,7 @@ def test_snakemake_rejects_bad_config_before_any_job(tmp_path):
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        env=bdag.without_slurm_probe(os.environ),
+        env=bench_dag.without_slurm_probe(os.environ),
     )
     assert proc.returncode != 0
     assert "datasets.fix.shards" in proc.stdout + proc.stderr
@@ -140,7 +140,7 @@ def test_snakemake_rejects_bad_config_before_any_job(tmp_path):
 def test_config_readme_documents_every_key():
     """config/README.md carries the key reference rendered from the schema (regenerate it when the schema changes)."""
     text = (REPO / "config" / "README.md").read_text()
-    begin, end = text.index(nacfg.DOC_BEGIN), text.index(nacfg.DOC_END) + len(nacfg.DOC_END)
-    assert text[begin:end] == nacfg.schema_markdown(), (
+    begin, end = text.index(core_config.DOC_BEGIN), text.index(core_config.DOC_END) + len(core_config.DOC_END)
+    assert text[begin:end] == core_config.schema_markdown(), (
         "config/README.md is out of date: run `python -m neuronatlas.core.config --markdown` and paste the table"
     )

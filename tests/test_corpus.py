@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from neuronatlas.core import config as nacfg
+from neuronatlas.core import config as core_config
 from neuronatlas.core import corpus
 from neuronatlas.core.errors import ConfigError, EmptyCorpusError
 
@@ -19,7 +19,7 @@ def spec(**kw) -> dict:
         "datasets": {"d": {"source": "files", "glob": str(helpers.CORPUS / "*.jsonl"), **kw}},
         "models": {"m": {"source": "hub", "id": "x", "sites": ["mlp"], "datasets": ["d"]}},
     }
-    return nacfg.validate(cfg)["datasets"]["d"]
+    return core_config.validate(cfg)["datasets"]["d"]
 
 
 def build(tmp_path, s, name="d", seed=0):

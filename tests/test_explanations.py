@@ -8,20 +8,18 @@ import csv
 import numpy as np
 import pytest
 
-from neuronatlas.clusters import clustering as cl
-from neuronatlas.clusters import explanations as ex
-from neuronatlas.clusters import jobs as cj
-from neuronatlas.clusters import representations as rp
+from neuronatlas.clusters import clustering, explanations, representations
+from neuronatlas.clusters import jobs as cluster_jobs
 from neuronatlas.core import tables
 
 from test_representations import bert_manifest, make_store
 
 
-def toy_rep(n=12, t=9, seed=0) -> rp.Representation:
+def toy_rep(n=12, t=9, seed=0) -> representations.Representation:
     rng = np.random.default_rng(seed)
     vals = rng.standard_normal((n, t)).astype(np.float32)
     vals[:, 4] = vals[:, 2]  # a tie: token 2 and token 4 score equally in every cluster
-    return rp.Representation(
+    return representations.Representation(
         vals, np.arange(50, 50 + t), np.arange(1, t + 1), [f"tok{i}" for i in range(t)], [f"text{i}" for i in range(t)], 3, n // 3, {}
     )
 
@@ -30,7 +28,7 @@ def toy_rep(n=12, t=9, seed=0) -> rp.Representation:
 def test_top_tokens_equal_naive(normalize):
     rep = toy_rep()
     labels = np.array([0, 1, 2, 0, 1, 2, 0, 0, 1, 1, 2, 0])
-    rows = ex.top_tokens(rep, np.arange(12), labels, 3, top_n=5, normalize=normalize)
+    rows = explanations.top_tokens(rep, np.arange(12), labels, 3, top_n=5, normalize=normalize)
     for c in range(3):
         m = labels == c
         X = rep.values[m].astype(np.float64)
@@ -51,20 +49,20 @@ def test_subset_of_neurons_and_csv_roundtrip(tmp_path):
     rep = toy_rep()
     ids = np.array([0, 3, 5, 7])
     labels = np.array([1, 0, 1, 0])
-    rows = ex.top_tokens(rep, ids, labels, 3, top_n=3)
+    rows = explanations.top_tokens(rep, ids, labels, 3, top_n=3)
     assert {r["cluster"] for r in rows} == {0, 1}  # cluster 2 has no member here: no rows
     assert rows[0]["cluster_size"] == 2
-    tables.write_csv(tmp_path / "e.csv", rows, ex.COLUMNS)
-    with open(tmp_path / "e.csv") as fh:
+    tables.write_csv(tmp_path / "e.csv", rows, explanations.COLUMNS)
+    with open(tmp_path / "e.csv", newline="") as fh:
         header = next(csv.reader(fh))
     assert header[:5] == ["cluster", "rank", "token_id", "token", "score"]
-    back = ex.read_csv(tmp_path / "e.csv")
+    back = explanations.read_csv(tmp_path / "e.csv")
     assert [r["token_id"] for r in back] == [r["token_id"] for r in rows]
 
 
 def test_markdown_is_in_the_format_of_tables_1_and_4():
     rows = [{"cluster": 16, "rank": i + 1, "token": t, "cluster_size": 47} for i, t in enumerate(["monday", "##sr", "friday"])]
-    md = ex.markdown(rows, "title", "yelp", 200, "-smooth", {16: [0, 3, 3, 12]}, n_tokens=2)
+    md = explanations.markdown(rows, "title", "yelp", 200, "-smooth", {16: [0, 3, 3, 12]}, n_tokens=2)
     assert "**Cluster ID:** yelp-16/200-smooth" in md
     assert "**Top-activating Tokens:** ['monday', '##sr']" in md
     assert "**Neurons:** 47 (layers 0, 3, 12)" in md
@@ -81,9 +79,9 @@ def chain(tmp_path, tokenizers, tag: str):
 
     man.write_text(json.dumps(bert_manifest(tokenizers)))
     d = tmp_path / tag
-    cj.clusters_representation("raw", {"stats": str(path), "manifest": str(man)}, d / "raw.h5", {"variant": "raw"})
-    cj.clusters_representation("filter", {"source": str(d / "raw.h5")}, d / "filter.h5", {"variant": "filter", "min_count": 3})
-    cj.clusters_tree(d / "filter.h5", path, d / "tree.npz", {"method": "exact", "linkage": "complete"})
+    cluster_jobs.clusters_representation("raw", {"stats": str(path), "manifest": str(man)}, d / "raw.h5", {"variant": "raw"})
+    cluster_jobs.clusters_representation("filter", {"source": str(d / "raw.h5")}, d / "filter.h5", {"variant": "filter", "min_count": 3})
+    cluster_jobs.clusters_tree(d / "filter.h5", path, d / "tree.npz", {"method": "exact", "linkage": "complete"})
     ep = {"top_n": 50, "markdown_tokens": 10, "normalize": True}
     outputs = {
         "clusters_k4": d / "k4.parquet",
@@ -94,7 +92,7 @@ def chain(tmp_path, tokenizers, tag: str):
         "explanations_refined_k4": d / "k4-refined.csv",
         "markdown_refined_k4": d / "k4-refined.md",
     }
-    cj.clusters_cut(d / "tree.npz", d / "filter.h5", path, outputs, {"ks": [4], "threshold": 0.9, "explain": ep})
+    cluster_jobs.clusters_cut(d / "tree.npz", d / "filter.h5", path, outputs, {"ks": [4], "threshold": 0.9, "explain": ep})
     return d, ids, counts
 
 
@@ -103,14 +101,14 @@ def test_filtered_and_special_tokens_never_appear_and_output_is_deterministic(tm
     d2, _, _ = chain(tmp_path, tokenizers, "b")
     kept = {i for i, c in zip(ids, counts) if c >= 3 and i >= 5}
     for name in ("k4.csv", "k4-refined.csv"):
-        rows = ex.read_csv(d1 / name)
+        rows = explanations.read_csv(d1 / name)
         assert rows and {r["token_id"] for r in rows} <= kept
         assert not {r["token_id"] for r in rows} & {0, 1, 2, 3, 4}  # specials (manifest + tokenizer-flagged)
         assert (d1 / name).read_bytes() == (d2 / name).read_bytes()
     for name in ("k4.parquet", "k4-refined.parquet", "trace.parquet"):
-        a, b = cl.read_parquet(d1 / name), cl.read_parquet(d2 / name)
+        a, b = clustering.read_parquet(d1 / name), clustering.read_parquet(d2 / name)
         assert all(np.array_equal(a[c], b[c]) for c in a)
-    full, refined = cl.read_parquet(d1 / "k4.parquet"), cl.read_parquet(d1 / "k4-refined.parquet")
+    full, refined = clustering.read_parquet(d1 / "k4.parquet"), clustering.read_parquet(d1 / "k4-refined.parquet")
     assert sorted(set(full["cluster"])) == [0, 1, 2, 3] and sorted(set(refined["cluster"])) == [0, 1, 2, 3]
     pos = {n: c for n, c in zip(full["neuron_id"], full["cluster"])}
     assert all(pos[n] == c for n, c in zip(refined["neuron_id"], refined["cluster"]))  # ids of the unrefined cut
@@ -119,18 +117,18 @@ def test_filtered_and_special_tokens_never_appear_and_output_is_deterministic(tm
 
 def test_figures_and_embedding_groups(tmp_path, tokenizers):
     d, _, _ = chain(tmp_path, tokenizers, "f")
-    rows = ex.read_csv(d / "k4.csv")
+    rows = explanations.read_csv(d / "k4.csv")
     from neuronatlas.clusters import vectors
 
-    g = cj.embedding_groups(rows, vectors.load("glove-6b-50d"), n_tokens=30, n_clusters=2, min_vectors=2)
+    g = cluster_jobs.embedding_groups(rows, vectors.load("glove-6b-50d"), n_tokens=30, n_clusters=2, min_vectors=2)
     assert 1 <= len(g) <= 2 and all(v.shape[1] == 50 for _, v in g.values())
-    from neuronatlas.clusters import figures as pc
+    from neuronatlas.clusters import figures
 
-    trace = cl.read_parquet(d / "trace.parquet")
-    assert len(pc.refinement_curves(trace, tmp_path / "f1.png", 0.9, n_clusters=3)) <= 3
-    pc.distance_vs_k([{"variant": "filter", "k": "2", "mean_max_distance": "1.1", "mean_avg_distance": "0.7"}], tmp_path / "f2.png")
-    pc.token_embeddings(g, tmp_path / "f3.png")
-    cols = cl.read_parquet(d / "k4.parquet")
-    pc.neuron_positions(cols["layer"], cols["index"], cols["cluster"], [0, 1], 2, 10, tmp_path / "f5.png")
+    trace = clustering.read_parquet(d / "trace.parquet")
+    assert len(figures.refinement_curves(trace, tmp_path / "f1.png", 0.9, n_clusters=3)) <= 3
+    figures.distance_vs_k([{"variant": "filter", "k": "2", "mean_max_distance": "1.1", "mean_avg_distance": "0.7"}], tmp_path / "f2.png")
+    figures.token_embeddings(g, tmp_path / "f3.png")
+    cols = clustering.read_parquet(d / "k4.parquet")
+    figures.neuron_positions(cols["layer"], cols["index"], cols["cluster"], [0, 1], 2, 10, tmp_path / "f5.png")
     for i in (1, 2, 3, 5):
         assert (tmp_path / f"f{i}.png").read_bytes()[:4] == b"\x89PNG"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from neuronatlas.bench import dag as bdag
+from neuronatlas.bench import dag as bench_dag
 from neuronatlas.core import store
 
 import helpers
@@ -95,7 +95,7 @@ def test_sigkill_mid_shard_then_rerun_incomplete_equals_uninterrupted(finished, 
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
-        env=bdag.without_slurm_probe(os.environ),
+        env=bench_dag.without_slurm_probe(os.environ),
     )
     deadline = time.time() + 300
     try:

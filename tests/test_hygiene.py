@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from neuronatlas.bench import dag as bdag
-from neuronatlas.core import config as nacfg
+from neuronatlas.bench import dag as bench_dag
+from neuronatlas.core import config as core_config
 
 import helpers
 
@@ -55,7 +55,7 @@ def test_snakemake_lint_is_clean(tmp_path):
             capture_output=True,
             text=True,
             cwd=tmp_path,
-            env=bdag.without_slurm_probe({**os.environ, **bdag.OFFLINE_ENV}),
+            env=bench_dag.without_slurm_probe({**os.environ, **bench_dag.OFFLINE_ENV}),
             timeout=300,
         )
         text = proc.stdout + proc.stderr
@@ -81,7 +81,7 @@ def rule_audit(tmp_path_factory, tokenizers):
             capture_output=True,
             text=True,
             cwd=tmp,
-            env=bdag.without_slurm_probe({**os.environ, **bdag.OFFLINE_ENV}),
+            env=bench_dag.without_slurm_probe({**os.environ, **bench_dag.OFFLINE_ENV}),
             timeout=300,
         )
         assert proc.returncode == 0, f"loading the workflow with the {name} config failed:\n{proc.stderr[-4000:]}"
@@ -134,7 +134,7 @@ def test_gpu_rules_request_no_gpu_on_cpu(tmp_path, tokenizers):
         cfg = helpers.tiny_config(tmp_path, tokenizers, device=device)
         path = tmp_path / f"tiny-{device}.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        run = bdag.dry_run(tmp_path, path, "--forceall")
+        run = bench_dag.dry_run(tmp_path, path, "--forceall")
         gpu_jobs = {j.rule for j in run.jobs if int(j.res.get("gpu", "0") or 0) > 0}
         if expect:
             assert "extract_activations" in gpu_jobs, gpu_jobs
@@ -162,7 +162,7 @@ def _check_job_resources(jobs) -> list[str]:
 def test_every_job_of_the_tiny_dag_has_evaluated_resources_log_and_benchmark(tmp_path, tokenizers):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(helpers.tiny_config(tmp_path, tokenizers)))
-    run = bdag.dry_run(tmp_path, path, "--forceall")
+    run = bench_dag.dry_run(tmp_path, path, "--forceall")
     assert run.jobs, run.text[-3000:]
     bad = _check_job_resources(run.jobs)
     assert not bad, "jobs without a positive integer mem_mb/runtime, a log or a benchmark:\n" + "\n".join(bad[:50])
@@ -219,12 +219,14 @@ def expected_job_counts(cfg: dict) -> dict[str, int]:
     from neuronatlas.modularity import dag as modularity_dag
     from neuronatlas.n2g import dag as n2g_dag
 
-    grid = nacfg.grid(cfg)
+    grid = core_config.grid(cfg)
     used = {d for m in cfg["models"].values() for d in m["datasets"]}
     counts = {
         "shard_corpus": len(used),
         "prepare_model": len(cfg["models"]),
-        "extract_activations": sum(len(nacfg.stats_shards(cfg["datasets"][d])) for m in cfg["models"].values() for d in m["datasets"]),
+        "extract_activations": sum(
+            len(core_config.stats_shards(cfg["datasets"][d])) for m in cfg["models"].values() for d in m["datasets"]
+        ),
         "merge_activations": len(grid),
         "summarize_activations": 1,
         "all": 1,
@@ -269,6 +271,9 @@ def expected_job_counts(cfg: dict) -> dict[str, int]:
         if moe_models:
             counts["modularity_moe"] = len(moe_models)
             counts["modularity_lorenz"] = sum(bool(e["moe"]) for e in exps.values())
+    # replication: one report
+    if cfg["replication"]["enabled"]:
+        counts["replication_claims"] = 1
     # textualization: per model one word scan and one tables job; the single-neuron experiment
     # one job; the group experiment one target-word job and one job per k
     tx = cfg["textualization"]
@@ -291,7 +296,7 @@ def full_grid(tmp_path_factory):
     cfg["results_dir"] = str(tmp / "results")
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    cmd = bdag.snakemake_cmd(tmp, path, "-n")
+    cmd = bench_dag.snakemake_cmd(tmp, path, "-n")
     isolated = (
         os.geteuid() == 0
         and shutil.which("unshare") is not None
@@ -300,16 +305,21 @@ def full_grid(tmp_path_factory):
     if isolated:
         cmd = ["unshare", "-n", *cmd]  # no network at all: a hub access would fail the dry run
     proc = subprocess.run(
-        cmd, capture_output=True, text=True, cwd=tmp, env=bdag.without_slurm_probe({**os.environ, **bdag.OFFLINE_ENV}), timeout=600
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=tmp,
+        env=bench_dag.without_slurm_probe({**os.environ, **bench_dag.OFFLINE_ENV}),
+        timeout=600,
     )
     text = proc.stdout + "\n" + proc.stderr
-    external = bdag.external_inputs(text)
+    external = bench_dag.external_inputs(text)
     assert not external, (
         f"on a fresh checkout the full grid's dry run fails: it needs {external}, which no rule produces; "
         "fetch such files in a rule (as prepare_model does for hub models) or make them optional"
     )
     assert proc.returncode == 0, f"dry run of the full grid failed without network:\n{text[-6000:]}"
-    return nacfg.validate(yaml.safe_load(path.read_text())), bdag.parse_jobs(text), bdag.parse_stats(text)
+    return core_config.validate(yaml.safe_load(path.read_text())), bench_dag.parse_jobs(text), bench_dag.parse_stats(text)
 
 
 def test_full_grid_dry_run_lists_the_whole_grid_offline(full_grid):
@@ -358,7 +368,7 @@ def test_resource_estimates_follow_the_config():
 
 def test_non_slurm_runs_skip_the_slurm_plugins_scontrol_probe():
     """The env of non-SLURM runs finds an `scontrol` that fails at once, ahead of any real one."""
-    env = bdag.without_slurm_probe({"PATH": "/usr/bin:/bin"})
+    env = bench_dag.without_slurm_probe({"PATH": "/usr/bin:/bin"})
     first = env["PATH"].split(os.pathsep)[0]
     assert shutil.which("scontrol", path=env["PATH"]) == str(Path(first) / "scontrol")
     proc = subprocess.run(["scontrol", "show", "config"], env=env, capture_output=True, timeout=5)

@@ -13,7 +13,7 @@ import torch
 
 from neuronatlas.activations import jobs
 from neuronatlas.core import assets, corpus, extract, images, models, store
-from neuronatlas.core import config as nacfg
+from neuronatlas.core import config as core_config
 from neuronatlas.core.errors import ConfigError, NeuronAtlasError
 from neuronatlas.modularity import training
 from neuronatlas.modularity.jobs import modularity_train
@@ -46,7 +46,7 @@ def _idx(name: str, header: int) -> np.ndarray:
 def image_shards(tmp_path_factory):
     """Two shards of 60 Fashion-MNIST test images (seeded sample) + their manifest."""
     out = tmp_path_factory.mktemp("fmnist")
-    spec = nacfg.validate(
+    spec = core_config.validate(
         {
             "datasets": {"f": {"source": "packaged", "name": "fashion_mnist", "split": "test", "max_documents": 60, "shards": 2}},
             "models": {"m": {"source": "random", "config": TINY_VIT, "sites": ["mlp"], "datasets": ["f"]}},
@@ -255,7 +255,7 @@ def test_image_config_checks():
         }
         return cfg
 
-    cfg = nacfg.validate(base())
+    cfg = core_config.validate(base())
     assert cfg["models"]["v"]["train"]["epochs"] == 3 and "train" not in cfg["models"]["tbert"]
     assert "image_field" not in cfg["datasets"]["fix"]  # no new default keys on text datasets: their jobs stay as they were
     cases = []
@@ -282,7 +282,7 @@ def test_image_config_checks():
     cases.append((c, "models.v.train", "needs `train"))
     for c, key, words in cases:
         with pytest.raises(ConfigError) as err:
-            nacfg.validate(c)
+            core_config.validate(c)
         assert f"`{key}`" in str(err.value) and words in str(err.value), str(err.value)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from neuronatlas.bench import dag as bdag
+from neuronatlas.bench import dag as bench_dag
 from neuronatlas.bench.dag import PlannedJob
 
 Pred = Callable[[PlannedJob], bool]
@@ -164,7 +164,7 @@ def base(tiny_dag, tmp_path_factory):
     work, cfg = tiny_dag
     tmp = tmp_path_factory.mktemp("incremental")
     raw = yaml.safe_load((work / "tiny.yaml").read_text())
-    full = bdag.dry_run(work, work / "tiny.yaml", "--forceall")
+    full = bench_dag.dry_run(work, work / "tiny.yaml", "--forceall")
     return work, raw, tmp, full.jobs
 
 
@@ -184,10 +184,10 @@ def test_config_edit_runs_exactly_the_affected_jobs(base, case: Case):
     case.edit(cfg)
     path = Path(tmp) / f"{case.id}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    planned = bdag.dry_run(work, path)
-    graph = bdag.dry_run(work, path, "--forceall").jobs if case.changes_dag else base_jobs
+    planned = bench_dag.dry_run(work, path)
+    graph = bench_dag.dry_run(work, path, "--forceall").jobs if case.changes_dag else base_jobs
     seeds = {j.key for j in graph if case.seeds(j)}
-    expected = bdag.downstream(graph, seeds)
+    expected = bench_dag.downstream(graph, seeds)
     got = planned.keys()
     by_key = {j.key: j for j in planned.jobs} | {j.key: j for j in graph if j.key not in got}
     assert got == expected, (
@@ -207,8 +207,8 @@ def test_downstream_closure_follows_directory_outputs():
     b = PlannedJob("extract", (("d", "x"),), inputs=("r/corpora/x/shards/shard-0.parquet",), outputs=("r/x/s.h5",))
     c = PlannedJob("merge", (("d", "x"),), inputs=("r/x/s.h5",), outputs=("r/x/stats.h5",))
     other = PlannedJob("extract", (("d", "y"),), inputs=("r/corpora/y/shards",), outputs=("r/y/s.h5",))
-    assert bdag.downstream([a, b, c, other], {a.key}) == {a.key, b.key, c.key}
-    assert bdag.downstream([a, b, c, other], set()) == set()
+    assert bench_dag.downstream([a, b, c, other], {a.key}) == {a.key, b.key, c.key}
+    assert bench_dag.downstream([a, b, c, other], set()) == set()
 
 
 DRY_RUN_TEXT = """Building DAG of jobs...
@@ -256,7 +256,7 @@ Job stats:
 
 
 def test_dry_run_parser_reads_jobs_and_stats():
-    jobs = bdag.parse_jobs(DRY_RUN_TEXT)
+    jobs = bench_dag.parse_jobs(DRY_RUN_TEXT)
     assert [j.rule for j in jobs] == ["shard_corpus", "merge_activations", "all"]
     s, m, a = jobs
     assert s.outputs == ("/r/corpora/fix/shards", "/r/corpora/fix/manifest.json") and s.wc == {"dataset": "fix"}
@@ -264,8 +264,8 @@ def test_dry_run_parser_reads_jobs_and_stats():
     assert m.threads == 2 and m.wc == {"model": "tgpt", "dataset": "fix", "site": "mlp"} and m.reason.startswith("Input files")
     assert m.log == ("/r/logs/merge_activations/tgpt/fix/mlp.log",)
     assert a.local and a.outputs == () and a.inputs == ("/r/tgpt/fix/mlp/activations/stats.h5",)
-    assert bdag.parse_stats(DRY_RUN_TEXT) == {"shard_corpus": 1, "merge_activations": 1, "all": 1, "total": 3}
-    assert bdag.parse_stats("Nothing to be done (all requested files are present and up to date).") == {}
+    assert bench_dag.parse_stats(DRY_RUN_TEXT) == {"shard_corpus": 1, "merge_activations": 1, "all": 1, "total": 3}
+    assert bench_dag.parse_stats("Nothing to be done (all requested files are present and up to date).") == {}
 
 
 def test_external_inputs_are_read_from_a_missing_input_error():
@@ -278,5 +278,19 @@ Missing input files for rule clusters_representation:
         data/other.vec
 
 Using workflow specific profile"""
-    assert bdag.external_inputs(text) == ["data/cc.en.300.bin", "data/other.vec"]
-    assert bdag.external_inputs("Nothing to be done") == []
+    assert bench_dag.external_inputs(text) == ["data/cc.en.300.bin", "data/other.vec"]
+    assert bench_dag.external_inputs("Nothing to be done") == []
+
+
+def test_holding_out_another_shard_keeps_the_corpus_and_the_models(base):
+    """`eval_shards` decides what is extracted and merged, not how the corpus is split: no re-sharding."""
+    work, raw, tmp, _ = base
+    cfg = copy.deepcopy(raw)
+    cfg["datasets"]["fix"]["eval_shards"] = [1]
+    path = Path(tmp) / "eval-shards.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    planned = bench_dag.dry_run(work, path).jobs
+    rules = {(j.rule, j.wc.get("dataset")) for j in planned}
+    assert ("merge_activations", "fix") in rules and ("extract_activations", "fix") in rules  # shard 2 enters the statistics
+    assert not {r for r, _ in rules} & {"shard_corpus", "prepare_model"}, sorted(rules)
+    assert all(j.wc.get("dataset") != "notes" for j in planned if j.rule in ("extract_activations", "merge_activations"))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from neuronatlas.core import models
-from neuronatlas.intervention import evaluation as I
+from neuronatlas.intervention import evaluation
 
 import helpers
 
@@ -25,50 +26,51 @@ def test_baselines_have_the_right_counts_and_layer_distributions(n):
     c = cluster(n=n)
     for seed in range(5):
         rng = lambda: np.random.default_rng(seed)  # noqa: E731
-        rnd = I.baseline_neurons("random", c, SHAPE, rng())
+        rnd = evaluation.baseline_neurons("random", c, SHAPE, rng())
         assert len(rnd) == n and len(np.unique(rnd, axis=0)) == n
         assert rnd[:, 0].max() < SHAPE[0] and rnd[:, 1].max() < SHAPE[1]
-        lay = I.baseline_neurons("random_layer", c, SHAPE, rng())
+        lay = evaluation.baseline_neurons("random_layer", c, SHAPE, rng())
         assert len(lay) == n
         np.testing.assert_array_equal(np.bincount(lay[:, 0], minlength=7), np.bincount(c[:, 0], minlength=7))
-        pos = I.baseline_neurons("random_position", c, SHAPE, rng())
+        pos = evaluation.baseline_neurons("random_position", c, SHAPE, rng())
         assert len(pos) == n
         idx, counts = np.unique(pos[:, 1], return_counts=True)
         full, rest = divmod(n, SHAPE[0])
         assert len(idx) == full + (rest > 0)  # whole columns across all layers, the last one partial
         assert sorted(counts.tolist()) == sorted([SHAPE[0]] * full + ([rest] if rest else []))
-        perm = I.baseline_neurons("random_position_perm", c, SHAPE, rng())
+        perm = evaluation.baseline_neurons("random_position_perm", c, SHAPE, rng())
         np.testing.assert_array_equal(np.bincount(perm[:, 0], minlength=7), np.bincount(c[:, 0], minlength=7))
         assert sorted(np.unique(perm[:, 1], return_counts=True)[1]) == sorted(np.unique(c[:, 1], return_counts=True)[1])
         # deterministic for a seed
-        np.testing.assert_array_equal(I.baseline_neurons("random", c, SHAPE, rng()), rnd)
+        np.testing.assert_array_equal(evaluation.baseline_neurons("random", c, SHAPE, rng()), rnd)
     assert not np.array_equal(
-        I.baseline_neurons("random", c, SHAPE, np.random.default_rng(0)), I.baseline_neurons("random", c, SHAPE, np.random.default_rng(1))
+        evaluation.baseline_neurons("random", c, SHAPE, np.random.default_rng(0)),
+        evaluation.baseline_neurons("random", c, SHAPE, np.random.default_rng(1)),
     )
 
 
 def test_sentences_and_cluster_examples():
-    assert I.split_sentences("One two. Three four!\nFive six? seven") == ["One two.", "Three four!", "Five six?", "seven"]
+    assert evaluation.split_sentences("One two. Three four!\nFive six? seven") == ["One two.", "Three four!", "Five six?", "seven"]
 
     class Tok:
         def __call__(self, texts, add_special_tokens=False):
             return {"input_ids": [[int(w) for w in t.split()] for t in texts]}
 
     frame = pd.DataFrame({"doc_id": [10, 11], "text": ["1 2 3 4 5 6 7 8 9 10\n5 5 6", "7 7 7 7\n1 2"]})
-    pool = I.sentence_pool(Tok(), [frame], min_tokens=3)
+    pool = evaluation.sentence_pool(Tok(), [frame], min_tokens=3)
     assert [x.tolist() for x in pool.ids] == [list(range(1, 11)), [5, 5, 6], [7, 7, 7, 7]]
     assert pool.doc_id.tolist() == [10, 10, 11]
     assert pool.containing([5]).tolist() == [0, 1] and pool.containing([99]).tolist() == []
     rng = np.random.default_rng(0)
-    ex = I.cluster_examples(pool, [5, 7], max_sentences=10, max_length=4, causal=False, rng=rng)
+    ex = evaluation.cluster_examples(pool, [5, 7], max_sentences=10, max_length=4, causal=False, rng=rng)
     # sentence 0 cut to a window of 4 centred on its first target (position 4 -> window 2..5)
     assert ex[0].ids.tolist() == [3, 4, 5, 6] and ex[0].targets.tolist() == [2]
     assert ex[1].ids.tolist() == [5, 5, 6] and ex[1].targets.tolist() == [0, 1]
     assert ex[2].targets.tolist() == [0, 1, 2, 3]
-    ex = I.cluster_examples(pool, [5], max_sentences=10, max_length=4, causal=True, rng=rng)
+    ex = evaluation.cluster_examples(pool, [5], max_sentences=10, max_length=4, causal=True, rng=rng)
     assert ex[0].ids.tolist() == [2, 3, 4, 5] and ex[0].targets.tolist() == [3]  # ends at the first target
-    assert len(I.cluster_examples(pool, [5, 6, 7], max_sentences=2, max_length=4, causal=True, rng=rng)) == 2
-    assert I.cluster_examples(pool, [99], 5, 4, False, rng) == []
+    assert len(evaluation.cluster_examples(pool, [5, 6, 7], max_sentences=2, max_length=4, causal=True, rng=rng)) == 2
+    assert evaluation.cluster_examples(pool, [99], 5, 4, False, rng) == []
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +90,7 @@ def _inputs(lm, site="mlp"):
         {"neuron_id": np.arange(L * W), "layer": np.arange(L * W) // W, "index": np.arange(L * W) % W, "cluster": labels}
     )
     frame = pd.DataFrame({"doc_id": range(8), "text": helpers.fixture_texts()[:8]})
-    pool = I.sentence_pool(lm.tokenizer, [frame], min_tokens=3)
+    pool = evaluation.sentence_pool(lm.tokenizer, [frame], min_tokens=3)
     common = sorted(pool.postings, key=lambda t: -len(pool.postings[t]))
     common = [t for t in common if t not in lm.manifest["special_ids"]]
     rows = [(0, r + 1, t, f"t{t}", 1.0) for r, t in enumerate(common[:3])]
@@ -102,9 +104,9 @@ def _inputs(lm, site="mlp"):
 
 def test_evaluate_clustering_rows_empty_corpus_and_determinism(bert):
     clusters, expl, pool, vals = _inputs(bert)
-    st = I.Settings(top_tokens=5, max_sentences=3, max_length=12, seeds=3, batch_tokens=256)
+    st = evaluation.Settings(top_tokens=5, max_sentences=3, max_length=12, seeds=3, batch_tokens=256)
     key = {"model": "bert", "dataset": "fix", "site": "mlp", "variant": "raw", "k": 3, "refined": False}
-    df = I.evaluate_clustering(bert, "mlp", vals, clusters, expl, pool, st, key, seed=0)
+    df = evaluation.evaluate_clustering(bert, "mlp", vals, clusters, expl, pool, st, key, seed=0)
     assert df["cluster"].tolist() == [0, 1, 2]
     assert df["status"].tolist() == ["ok", "ok", "empty_corpus"]
     ok = df.iloc[0]
@@ -113,20 +115,22 @@ def test_evaluate_clustering_rows_empty_corpus_and_determinism(bert):
     for b in st.baselines:
         seeds = [ok[f"{b}_change_pct_seed{r}"] for r in range(3)]
         assert ok[f"{b}_change_pct"] == pytest.approx(np.mean(seeds))
-        assert ok[f"{b}_ci_low"] <= ok[f"{b}_change_pct"] <= ok[f"{b}_ci_high"]
+        # the Student-t interval over the seeds, from scipy
+        low, high = stats.t.interval(0.95, df=len(seeds) - 1, loc=np.mean(seeds), scale=stats.sem(seeds))
+        assert (ok[f"{b}_ci_low"], ok[f"{b}_ci_high"]) == (pytest.approx(low), pytest.approx(high))
     assert '"[SPECIAL]"' not in df.iloc[1]["top_tokens"]  # special tokens are never targets
     empty = df.iloc[2]
     assert empty["n_sentences"] == 0 and empty["n_targets"] == 0
     assert np.isnan(empty["base_loss"]) and np.isnan(empty["cluster_change_pct"]) and np.isnan(empty["random_change_pct"])
-    again = I.evaluate_clustering(bert, "mlp", vals, clusters, expl, pool, st, key, seed=0)
+    again = evaluation.evaluate_clustering(bert, "mlp", vals, clusters, expl, pool, st, key, seed=0)
     pd.testing.assert_frame_equal(df, again)
-    other = I.evaluate_clustering(bert, "mlp", vals, clusters, expl, pool, st, key, seed=1)
+    other = evaluation.evaluate_clustering(bert, "mlp", vals, clusters, expl, pool, st, key, seed=1)
     assert not np.allclose(other["random_change_pct"].iloc[:2], df["random_change_pct"].iloc[:2])
     # a sample of clusters per clustering, seeded
-    st2 = I.Settings(top_tokens=5, max_sentences=3, max_length=12, seeds=2, batch_tokens=256, clusters_per_clustering=2)
-    part = I.evaluate_clustering(bert, "mlp", vals, clusters, expl, pool, st2, key, seed=0)
-    assert len(part) == 2 and part["cluster"].tolist() == I.sample_clusters(
-        [0, 1, 2], 2, I.stable_seed(0, "bert/fix/mlp/raw/3", "clusters")
+    st2 = evaluation.Settings(top_tokens=5, max_sentences=3, max_length=12, seeds=2, batch_tokens=256, clusters_per_clustering=2)
+    part = evaluation.evaluate_clustering(bert, "mlp", vals, clusters, expl, pool, st2, key, seed=0)
+    assert len(part) == 2 and part["cluster"].tolist() == evaluation.sample_clusters(
+        [0, 1, 2], 2, evaluation.stable_seed(0, "bert/fix/mlp/raw/3", "clusters")
     )
 
 
@@ -158,7 +162,7 @@ def test_table3_aggregates_and_marks_the_largest():
     seeds = {"random": [[1.0, 3.0], [2.0, 2.0], [9.0, 9.0]], "random_layer": [[0.5, 0.5], [0.5, 0.5], [9.0, 9.0]]}
     f1 = frame("filter", [4.0, 1.0, np.nan], seeds, status=["ok", "ok", "empty_corpus"])
     f2 = frame("filter", [0.1, 0.2, 0.3], seeds, refined=True)
-    t = I.table3([f1, f2], ["random", "random_layer"])
+    t = evaluation.table3([f1, f2], ["random", "random_layer"])
     r = t.iloc[0]
     assert (r["n_clusters"], r["n_ok"], r["n_empty"]) == (3, 2, 1)
     assert r["cluster"] == pytest.approx(2.5)
@@ -167,18 +171,18 @@ def test_table3_aggregates_and_marks_the_largest():
     assert r["largest"] == "cluster"
     assert r["beats_random"] == pytest.approx(0.5)
     assert t.iloc[1]["largest"] == "random" and t.iloc[1]["refined"]
-    md = I.table3_markdown(t, ["random", "random_layer"])
+    md = evaluation.table3_markdown(t, ["random", "random_layer"])
     assert "| d – 50 | filter | **2.50** | 2.00 | 0.50 | 2/3 |" in md
     assert "|  | filter + refine | 0.20 | **4.33** | 3.33 | 3/3 |" in md
 
 
 def _cfg(tmp_path, **section):
-    from neuronatlas.core import config as nacfg
+    from neuronatlas.core import config as core_config
 
     cfg = helpers.tiny_config(tmp_path, {"bert": tmp_path, "gpt2": tmp_path})
     cfg["representations"]["models"] = ["tbert", "tgpt"]
     cfg["intervention"] = {**cfg["intervention"], **section}
-    return nacfg.validate(cfg)
+    return core_config.validate(cfg)
 
 
 def test_config_views_and_errors(tmp_path):
@@ -218,20 +222,20 @@ def test_config_views_and_errors(tmp_path):
 
 def test_an_empty_evaluation_corpus_marks_every_row_instead_of_crashing(bert, tmp_path):
     clusters, expl, _, vals = _inputs(bert)
-    empty = I.sentence_pool(bert.tokenizer, [pd.DataFrame({"doc_id": [0], "text": [""]})])
+    empty = evaluation.sentence_pool(bert.tokenizer, [pd.DataFrame({"doc_id": [0], "text": [""]})])
     assert len(empty) == 0 and empty.containing([1, 2, 3]).tolist() == []
-    st = I.Settings(top_tokens=5, max_sentences=3, max_length=12, seeds=2, batch_tokens=256)
+    st = evaluation.Settings(top_tokens=5, max_sentences=3, max_length=12, seeds=2, batch_tokens=256)
     key = {"model": "bert", "dataset": "fix", "site": "mlp", "variant": "raw", "k": 3, "refined": False, "head": "checkpoint"}
-    df = I.evaluate_clustering(bert, "mlp", vals, clusters, expl, empty, st, key, seed=0)
+    df = evaluation.evaluate_clustering(bert, "mlp", vals, clusters, expl, empty, st, key, seed=0)
     assert df["status"].tolist() == ["empty_corpus"] * 3
     assert (df["n_sentences"] == 0).all() and (df["n_targets"] == 0).all()
     for col in ("base_loss", "cluster_loss", "cluster_change_pct", "random_change_pct", "random_position_change_pct_seed1"):
         assert df[col].isna().all(), col  # NaN, never a silent 0
     # Table 3 counts them as evaluated-but-empty; the markdown says n/a; Fig. 4 marks them on the axis
-    t = I.table3([df], st.baselines)
+    t = evaluation.table3([df], st.baselines)
     assert (t.iloc[0]["n_clusters"], t.iloc[0]["n_ok"], t.iloc[0]["n_empty"]) == (3, 0, 3)
     assert np.isnan(t.iloc[0]["cluster"]) and t.iloc[0]["largest"] == ""
-    assert "| fix – 3 | raw | n/a | n/a | n/a | n/a | 0/3 |" in I.table3_markdown(t, st.baselines)
+    assert "| fix – 3 | raw | n/a | n/a | n/a | n/a | 0/3 |" in evaluation.table3_markdown(t, st.baselines)
     from neuronatlas.intervention.figures import fig4
 
     fig4(df.assign(objective="masked_lm"), tmp_path / "f.png")
@@ -239,18 +243,20 @@ def test_an_empty_evaluation_corpus_marks_every_row_instead_of_crashing(bert, tm
 
 
 def test_the_engine_scores_only_target_positions(bert):
-    from neuronatlas.core import ablation as A
+    from neuronatlas.core import ablation
 
     ids = np.asarray(bert.tokenizer("the cat sat on the mat today", add_special_tokens=False)["input_ids"], np.int64)
-    one = A.TokenExample(ids, np.array([2]))
-    two = A.TokenExample(ids, np.array([2, 4]))
-    none = A.TokenExample(ids, np.zeros(0, np.int64))
+    one = ablation.TokenExample(ids, np.array([2]))
+    two = ablation.TokenExample(ids, np.array([2, 4]))
+    none = ablation.TokenExample(ids, np.zeros(0, np.int64))
     vals = np.zeros(tuple(bert.manifest["sites"]["mlp"]), np.float32)
-    obj = A.objective_for("masked_lm")
-    sc = A.evaluate(bert.model, bert.family, "mlp", A.token_batches(bert.manifest, [one, none]), [np.array([[0, 1]])], vals, obj)
+    obj = ablation.objective_for("masked_lm")
+    sc = ablation.evaluate(
+        bert.model, bert.family, "mlp", ablation.token_batches(bert.manifest, [one, none]), [np.array([[0, 1]])], vals, obj
+    )
     assert sc.base_count == 1 and sc.count.tolist() == [1.0]  # the target-less example adds nothing
-    sc2 = A.evaluate(bert.model, bert.family, "mlp", A.token_batches(bert.manifest, [two]), [], vals, obj)
+    sc2 = ablation.evaluate(bert.model, bert.family, "mlp", ablation.token_batches(bert.manifest, [two]), [], vals, obj)
     assert sc2.base_count == 2
     # an evaluation with no batches at all: NaN losses, not zeros
-    sc0 = A.evaluate(bert.model, bert.family, "mlp", [], [np.array([[0, 1]])], vals, obj)
+    sc0 = ablation.evaluate(bert.model, bert.family, "mlp", [], [np.array([[0, 1]])], vals, obj)
     assert sc0.base_count == 0 and np.isnan(sc0.base_loss) and np.isnan(sc0.loss).all()

@@ -6,7 +6,9 @@ import copy
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pytest
 import torch
 import yaml
 
@@ -14,7 +16,7 @@ from neuronatlas.core import models
 from neuronatlas.core.ablation import ablation_values
 from neuronatlas.core.corpus import read_shard
 from neuronatlas.intervention import dag as intervention_dag
-from neuronatlas.intervention import evaluation as I
+from neuronatlas.intervention import evaluation
 
 import helpers
 
@@ -26,12 +28,24 @@ def test_ablation_outputs_of_the_tiny_dag(tiny_dag):
     assert triples == [("tbert", "fix", "mlp")]
     names = [intervention_dag.clustering_name(*c) for c in intervention_dag.clusterings(cfg)]
     assert names == ["raw/k2", "smooth/k2", "raw/k4", "smooth/k4", "raw/k2-refined", "raw/k4-refined"]
+    evaluated = 0
     for name in names:
         df = pd.read_csv(R / "tbert" / "fix" / "mlp" / "intervention" / f"{name}.csv")
         assert len(df) == 2 and set(df["status"]) <= {"ok", "empty_corpus", "no_tokens"}
         assert (df["head"] == "fitted").all() and df["head_heldout_loss"].notna().all()
         assert (df["objective"] == "masked_lm").all()
+        ok = df[df["status"] == "ok"]
+        assert np.isfinite(ok[["base_loss", "cluster_loss", "random_loss"]].to_numpy()).all()
+        evaluated += len(ok)
+    assert evaluated > 0, "no cluster of any clustering was evaluated: the test would compare NaN with NaN"
     table = pd.read_csv(R / "tables" / "intervention" / "table3.csv")
+    # one row by hand: the mean change over the evaluated clusters, each baseline's mean over seeds of cluster means
+    df = pd.read_csv(R / "tbert" / "fix" / "mlp" / "intervention" / "raw" / "k2.csv")
+    ok = df[df["status"] == "ok"]
+    row = table[(table.variant == "raw") & (table.k == 2) & (~table.refined)].iloc[0]
+    assert row["n_ok"] == len(ok) and row["cluster"] == pytest.approx(ok["cluster_change_pct"].mean(), nan_ok=True)
+    seeds = [c for c in df.columns if c.startswith("random_change_pct_seed")]
+    assert row["random"] == pytest.approx(np.mean([ok[c].mean() for c in seeds]), nan_ok=True)
     assert len(table) == len(names) and set(table["largest"]) <= {"cluster", "random", "random_layer", "random_position"}
     assert "fitted" in (R / "tables" / "intervention" / "table3.md").read_text()
     assert (R / "figures" / "intervention" / "fig4" / "tbert" / "fix" / "mlp.png").stat().st_size > 1000
@@ -45,20 +59,20 @@ def test_dag_csv_equals_direct_library_computation(tiny_dag):
     site = R / "tbert" / "fix" / "mlp"
     lm = models.load(R / "models" / "tbert" / "manifest.json", "cpu", "float32", head=True, head_path=R / "models" / "tbert" / "mlm_head")
     st = intervention_dag.settings(cfg, "tbert")
-    pool = I.sentence_pool(lm.tokenizer, [read_shard(R / "corpora" / "fix" / "shards" / "shard-2.parquet")], st["min_tokens"])
+    pool = evaluation.sentence_pool(lm.tokenizer, [read_shard(R / "corpora" / "fix" / "shards" / "shard-2.parquet")], st["min_tokens"])
     values = ablation_values(site / "activations" / "stats.h5", st["mode"])
     dag = pd.read_csv(site / "intervention" / "smooth" / "k4.csv")
     key = {c: dag[c].iloc[0] for c in ("model", "dataset", "site", "head", "head_heldout_loss", "head_heldout_top1")}
     key.update(variant="smooth", k=4, refined=False, mode="mean")
     with torch.inference_mode():
-        direct = I.evaluate_clustering(
+        direct = evaluation.evaluate_clustering(
             lm,
             "mlp",
             values,
             pd.read_parquet(site / "clusters" / "smooth" / "k4.parquet"),
             pd.read_csv(site / "explanations" / "smooth" / "k4.csv", keep_default_na=False),
             pool,
-            I.Settings.from_config(st),
+            evaluation.Settings.from_config(st),
             key,
             cfg["seed"],
         )

@@ -12,9 +12,8 @@ from neuronatlas.core import ablation, models, store
 from neuronatlas.core.errors import ConfigError, NeuronAtlasError
 from neuronatlas.core.store import SiteStats, empty_topk
 from neuronatlas.modularity import dag as modularity_dag
-from neuronatlas.modularity import evaluation
+from neuronatlas.modularity import evaluation, pruning
 from neuronatlas.modularity import jobs as modularity_jobs
-from neuronatlas.modularity import pruning as mod
 
 from test_images import TINY_VIT
 
@@ -53,7 +52,7 @@ def test_scores_equal_naive_ratio_of_mean_abs_activations(tmp_path):
         store.write(tmp_path / f"{name}.h5", _site_stats(acts))
     files = {n: tmp_path / f"{n}.h5" for n in "abc"}
     eps = 1e-3
-    tasks, scores, targets, ref = mod.compute_scores(["a", "b", "c"], None, files, eps, "target")
+    tasks, scores, targets, ref = pruning.compute_scores(["a", "b", "c"], None, files, eps, "target")
     pooled = np.concatenate([a, b, c])  # the reference: every example of the three sets
     for t, s in zip(tasks, scores):
         acts = {"a": a, "b": b, "c": c}[t.dataset]
@@ -63,10 +62,10 @@ def test_scores_equal_naive_ratio_of_mean_abs_activations(tmp_path):
                 den = eps + sum(abs(v) for v in pooled[:, layer, n]) / len(pooled)
                 assert s[layer, n] == pytest.approx(num / den, rel=1e-12)
     # eq. 1 as printed: the other ratio; an explicit reference dataset
-    _, lit, _, _ = mod.compute_scores(["a", "b"], ["c"], files, eps, "reference")
+    _, lit, _, _ = pruning.compute_scores(["a", "b"], ["c"], files, eps, "reference")
     np.testing.assert_allclose(lit[0], np.abs(c).mean(0) / (eps + np.abs(a).mean(0)), rtol=1e-12)
     with pytest.raises(NeuronAtlasError, match="allowed: target, reference"):
-        mod.selective_pruning_scores(np.ones(2), np.ones(2), numerator="forget")
+        pruning.selective_pruning_scores(np.ones(2), np.ones(2), numerator="forget")
 
 
 def test_label_tasks_come_from_the_store(tmp_path):
@@ -74,7 +73,7 @@ def test_label_tasks_come_from_the_store(tmp_path):
     acts = rng.normal(size=(30, 2, 4))
     labels = ["T-shirt/top"] * 10 + ["Bag"] * 12 + ["Sandal"] * 8
     store.write(tmp_path / "img.h5", _site_stats(acts, labels))
-    tasks, scores, targets, ref = mod.compute_scores(["img"], None, {"img": tmp_path / "img.h5"}, 0.0, "target")
+    tasks, scores, targets, ref = pruning.compute_scores(["img"], None, {"img": tmp_path / "img.h5"}, 0.0, "target")
     assert [t.name for t in tasks] == ["Bag", "Sandal", "T-shirt/top"] and tasks[2].key == "t-shirt-top"
     lab = np.array(labels)
     for t, s in zip(tasks, scores):
@@ -84,11 +83,11 @@ def test_label_tasks_come_from_the_store(tmp_path):
 
 def test_top_selection_is_global_and_deterministic():
     scores = np.array([[0.5, 2.0, 2.0, np.nan], [3.0, 0.1, 2.0, 1.0]])
-    assert mod.select_top(scores, 3).tolist() == [[False, True, True, False], [True, False, False, False]]  # ties: lower id
-    assert mod.n_selected(0.25, 8) == 2 and mod.n_selected(1.0, 8) == 8
-    cond = mod.as_condition(mod.select_top(scores, 2))
+    assert pruning.select_top(scores, 3).tolist() == [[False, True, True, False], [True, False, False, False]]  # ties: lower id
+    assert pruning.n_selected(0.25, 8) == 2 and pruning.n_selected(1.0, 8) == 8
+    cond = pruning.as_condition(pruning.select_top(scores, 2))
     assert cond.tolist() == [[0, 1], [1, 0]]
-    assert mod.drop_tag(0.5) == "50" and mod.drop_tag(0.125) == "12.5" and mod.slug("T-shirt/top") == "t-shirt-top"
+    assert pruning.drop_tag(0.5) == "50" and pruning.drop_tag(0.125) == "12.5" and pruning.slug("T-shirt/top") == "t-shirt-top"
 
 
 @pytest.mark.parametrize("drop", [0.2, 0.5, 0.8])
@@ -101,20 +100,20 @@ def test_bisection_hits_the_target_drop_on_a_monotone_curve(drop, curve):
         "steps": lambda k: 1 - np.floor(40 * k / n) / 40,  # plateaus 2.5 points apart
     }[curve]
     calls = []
-    res = mod.bisect_pruning(lambda k: calls.append(k) or float(f(k)), n, drop, tolerance=0.02, max_steps=20)
+    res = pruning.bisect_pruning(lambda k: calls.append(k) or float(f(k)), n, drop, tolerance=0.02, max_steps=20)
     assert res.converged and abs(res.relative - (1 - drop)) <= 0.02
     assert res.relative == pytest.approx(f(res.k)) and res.fraction == res.k / n
     assert len(calls) == len(res.history) <= 20 and calls[0] == n  # first the whole range
 
 
 def test_bisection_reports_unreachable_targets_and_respects_max_steps():
-    res = mod.bisect_pruning(lambda k: 1 - 0.3 * k / 100, 100, 0.5, tolerance=0.01)
+    res = pruning.bisect_pruning(lambda k: 1 - 0.3 * k / 100, 100, 0.5, tolerance=0.01)
     assert not res.reachable and not res.converged and res.k == 100 and len(res.history) == 1
-    res = mod.bisect_pruning(lambda k: 1 - k / 1000, 1000, 0.37, tolerance=1e-6, max_steps=4)
+    res = pruning.bisect_pruning(lambda k: 1 - k / 1000, 1000, 0.37, tolerance=1e-6, max_steps=4)
     assert len(res.history) == 4 and not res.converged
     assert abs(res.relative - 0.63) == min(abs(r - 0.63) for _, r in res.history)
     with pytest.raises(NeuronAtlasError):
-        mod.bisect_pruning(lambda k: 1.0, 10, 1.5)
+        pruning.bisect_pruning(lambda k: 1.0, 10, 1.5)
 
 
 def test_overlap_trained_vs_random_on_a_hand_made_case():
@@ -128,27 +127,27 @@ def test_overlap_trained_vs_random_on_a_hand_made_case():
         float,
     )
     random = np.array([[[9, 8, 7, 0], [0, 0, 0, 0]], [[0, 8, 7, 9], [0, 0, 0, 0]], [[9, 0, 0, 0], [0, 0, 8, 7]]], float)
-    tasks = [mod.Task(n, n, "d", n) for n in "abc"]
-    sel = {role: np.stack([mod.select_top(s, 3) for s in sc]) for role, sc in (("trained", trained), ("random", random))}
-    mt, mr = mod.overlap_matrix(sel["trained"]), mod.overlap_matrix(sel["random"])
+    tasks = [pruning.Task(n, n, "d", n) for n in "abc"]
+    sel = {role: np.stack([pruning.select_top(s, 3) for s in sc]) for role, sc in (("trained", trained), ("random", random))}
+    mt, mr = pruning.overlap_matrix(sel["trained"]), pruning.overlap_matrix(sel["random"])
     np.testing.assert_allclose(mt, [[1, 2 / 3, 0], [2 / 3, 1, 0], [0, 0, 1]])
     np.testing.assert_allclose(mr, [[1, 2 / 3, 1 / 3], [2 / 3, 1, 0], [1 / 3, 0, 1]])
     # |N_i| differs: the matrix is asymmetric (rows are the denominator)
-    uneven = np.stack([mod.select_top(trained[0], 2), mod.select_top(trained[1], 3)])
-    np.testing.assert_allclose(mod.overlap_matrix(uneven), [[1, 1 / 2], [1 / 3, 1]])
-    srt = mod.sorted_overlaps(tasks, mt, mr)
+    uneven = np.stack([pruning.select_top(trained[0], 2), pruning.select_top(trained[1], 3)])
+    np.testing.assert_allclose(pruning.overlap_matrix(uneven), [[1, 1 / 2], [1 / 3, 1]])
+    srt = pruning.sorted_overlaps(tasks, mt, mr)
     assert len(srt) == 6 and list(srt["trained"]) == sorted(srt["trained"])
     row = srt[(srt.task_i == "a") & (srt.task_j == "c")].iloc[0]
     assert row.trained == 0 and row.random == pytest.approx(100 / 3) and row.difference == pytest.approx(-100 / 3)
-    long = mod.overlap_frame(tasks, {"trained": mt, "random": mr}, np.full(3, 0.375))
+    long = pruning.overlap_frame(tasks, {"trained": mt, "random": mr}, np.full(3, 0.375))
     assert len(long) == 18 and long.query("model == 'random' and task_i == 'c' and task_j == 'a'").overlap.item() == pytest.approx(100 / 3)
 
 
 def test_fractions_from_search_or_fixed(tmp_path):
-    tasks = [mod.Task("A b", "a-b", "d"), mod.Task("c", "c", "d")]
+    tasks = [pruning.Task("A b", "a-b", "d"), pruning.Task("c", "c", "d")]
     pd.DataFrame({"key": ["c", "a-b"], "fraction": [0.1, 0.02]}).to_csv(tmp_path / "s.csv", index=False)
-    assert mod.task_fractions(tasks, None, str(tmp_path / "s.csv")).tolist() == [0.02, 0.1]
-    assert mod.task_fractions(tasks, 0.05, None).tolist() == [0.05, 0.05]
+    assert pruning.task_fractions(tasks, None, str(tmp_path / "s.csv")).tolist() == [0.02, 0.1]
+    assert pruning.task_fractions(tasks, 0.05, None).tolist() == [0.05, 0.05]
 
 
 def test_mmlu_prompt_and_multiple_choice_objective(tiny_models):
@@ -200,7 +199,7 @@ def test_evaluator_single_conditions_agree_with_the_engine(vit_lm, tiny_models):
     values = ablation.ablation_values(None, "zero", (L, W))
     ev = evaluation.PruningEvaluator(vit_lm, "mlp", values)
     rng = np.random.default_rng(0)
-    conds = [mod.as_condition(rng.random((L, W)) < p) for p in (0.1, 0.5, 0.9)]
+    conds = [pruning.as_condition(rng.random((L, W)) < p) for p in (0.1, 0.5, 0.9)]
     base, acc = ev.matrix(es, conds)
     assert ev.baseline(es) == pytest.approx(base) == pytest.approx(2 / 3)
     for c, a in zip(conds, acc):
@@ -219,7 +218,7 @@ def test_evaluator_single_conditions_agree_with_the_engine(vit_lm, tiny_models):
         "task",
     )
     ev2 = evaluation.PruningEvaluator(lm, "mlp", ablation.ablation_values(None, "zero", tuple(lm.manifest["sites"]["mlp"])))
-    c = mod.as_condition(np.random.default_rng(1).random(tuple(lm.manifest["sites"]["mlp"])) < 0.5)
+    c = pruning.as_condition(np.random.default_rng(1).random(tuple(lm.manifest["sites"]["mlp"])) < 0.5)
     base, acc = ev2.matrix(es2, [c])
     assert ev2.baseline(es2) == pytest.approx(base) and ev2._accuracy(es2, c) == pytest.approx(acc[0])
     assert es2.batches and sum(int((b.targets != ablation.IGNORE).sum()) for b in es2.batches) == 50 - len(ex) * (
@@ -233,9 +232,9 @@ def test_search_and_effects_on_a_tiny_vit(vit_lm):
     with torch.no_grad():
         y = vit_lm.model(pixel_values=px).logits.argmax(-1).numpy()
     L, W = vit_lm.manifest["sites"]["mlp"]
-    tasks = [mod.Task("p", "p", "d", "p"), mod.Task("q", "q", "d", "q")]
+    tasks = [pruning.Task("p", "p", "d", "p"), pruning.Task("q", "q", "d", "q")]
     rng = np.random.default_rng(2)
-    sf = mod.ScoreFile(tasks, rng.random((2, L, W)), np.zeros((2, L, W)), np.zeros((L, W)), np.zeros((L, W)))
+    sf = pruning.ScoreFile(tasks, rng.random((2, L, W)), np.zeros((2, L, W)), np.zeros((L, W)), np.zeros((L, W)))
     sets = {
         t.key: evaluation.EvalSet(t.name, t.key, ablation.image_batches(px[i::2], y[i::2], 8), ablation.ImageClassification(), "task")
         for i, t in enumerate(tasks)
@@ -252,7 +251,7 @@ def test_search_and_effects_on_a_tiny_vit(vit_lm):
 
 
 def test_check_config_names_keys():
-    from neuronatlas.core import config as nacfg
+    from neuronatlas.core import config as core_config
 
     import helpers
 
@@ -261,17 +260,17 @@ def test_check_config_names_keys():
         cfg["modularity"] = {"experiments": {"e": {"model": "tgpt", "tasks": ["fix", "notes"]}}}
         return cfg
 
-    cfg = nacfg.validate(base())
+    cfg = core_config.validate(base())
     with pytest.raises(ConfigError, match="modularity.experiments.e.tasks\\[1\\]`: dataset notes has no eval_shards"):
         modularity_dag.check_config(cfg)
     c = base()
     c["modularity"]["experiments"]["e"]["random_model"] = "tbert"
     with pytest.raises(ConfigError, match="random_model"):
-        modularity_dag.check_config(nacfg.validate(c))
+        modularity_dag.check_config(core_config.validate(c))
     c = base()
     c["modularity"]["experiments"]["e"]["drops"] = [1.5]
     with pytest.raises(ConfigError, match="modularity.experiments.e.drops.0"):
-        nacfg.validate(c)
+        core_config.validate(c)
 
 
 def test_moe_and_lorenz_jobs_wire_the_moe_module(tmp_path, random_params):
@@ -292,14 +291,14 @@ def test_moe_and_lorenz_jobs_wire_the_moe_module(tmp_path, random_params):
         assert ids.shape == (2, 32) and all((np.bincount(row, minlength=4) == 8).all() for row in ids)  # k = 32 / 8, equal sizes
         assert len(stats) == 2
     rng = np.random.default_rng(0)
-    tasks = [mod.Task("p", "p", "d", "p"), mod.Task("q", "q", "d", "q")]
+    tasks = [pruning.Task("p", "p", "d", "p"), pruning.Task("q", "q", "d", "q")]
     scores = {}
     for role in mans:
         sc = rng.random((2, 2, 32))
         if role == "trained":
             sc[0, 0, moe.read_clusters(clusters[role])[0] == 1] += 10  # task p's top neurons of layer 0: all in cluster 1
         scores[role] = str(tmp_path / f"scores-{role}.h5")
-        mod.write_scores(scores[role], tasks, sc, sc, np.ones((2, 32)), np.zeros((2, 32)), {"model": role})
+        pruning.write_scores(scores[role], tasks, sc, sc, np.ones((2, 32)), np.zeros((2, 32)), {"model": role})
     pd.DataFrame({"key": ["p", "q"], "fraction": [0.25, 0.25]}).to_csv(tmp_path / "search.csv", index=False)
     out = {
         k: str(tmp_path / f"out-{k}.{ext}")

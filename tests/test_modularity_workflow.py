@@ -11,7 +11,7 @@ import pytest
 
 from neuronatlas.core import store
 from neuronatlas.core.io import read_json
-from neuronatlas.modularity import pruning as mod
+from neuronatlas.modularity import pruning
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_trained_vit_and_twin_are_prepared(run):
 def test_scores_are_eq1_of_the_stores(run):
     R, cfg = run
     for m in ("tvit", "tvit_random"):
-        sf = mod.read_scores(R / m / "modularity" / "img" / "scores.h5")
+        sf = pruning.read_scores(R / m / "modularity" / "img" / "scores.h5")
         with store.open_store(R / m / "fimg" / "mlp" / "activations" / "stats.h5") as s:
             labels, lab = s.labels(), s.label_abs_mean()
             ref = s.neuron_abs_mean()
@@ -60,16 +60,23 @@ def test_search_effects_and_overlaps_are_consistent(run):
         assert row.n_pruned in set(pts["n_pruned"]) and len(pts) <= cfg["modularity"]["search"]["max_steps"]
     wide = pd.read_csv(R / "tables" / "modularity" / "img" / "effects-tvit-d50.csv", index_col=0)
     assert wide.shape == (10, 10)
-    # overlaps: recomputed from the scores at the searched fractions, the twin with the same fractions
+    for e in effects.sample(10, random_state=0).itertuples():  # the table is the long effects by hand
+        assert wide.loc[e.eval, e.target] == pytest.approx(e.relative, nan_ok=True)
+    # overlaps by hand: each task's top neurons by score (ties to the lower flat id) as sets, |N_i & N_j| / |N_i|
     ov = pd.read_csv(R / "modularity" / "img" / "overlap.csv")
     frac = search.set_index("key")["fraction"]
     for role, m in (("trained", "tvit"), ("random", "tvit_random")):
-        sf = mod.read_scores(R / m / "modularity" / "img" / "scores.h5")
-        n = int(np.prod(sf.scores.shape[1:]))
-        sel = np.stack([mod.select_top(sf.scores[i], mod.n_selected(frac[t.key], n)) for i, t in enumerate(sf.tasks)])
-        mat = mod.overlap_matrix(sel)
+        sf = pruning.read_scores(R / m / "modularity" / "img" / "scores.h5")
+        flat = sf.scores.reshape(len(sf.tasks), -1)
+        chosen = []
+        for i, t in enumerate(sf.tasks):
+            count = int(round(frac[t.key] * flat.shape[1]))
+            order = sorted(range(flat.shape[1]), key=lambda j, i=i: (-np.nan_to_num(flat[i, j], nan=-np.inf), j))
+            chosen.append(set(order[:count]))
         got = ov[ov.model == role].pivot(index="task_i", columns="task_j", values="overlap")
-        names = [t.name for t in sf.tasks]
-        np.testing.assert_allclose(got.loc[names, names].to_numpy(), 100 * mat, equal_nan=True)
+        for i, a in enumerate(sf.tasks):
+            for j, b in enumerate(sf.tasks):
+                want = 100 * len(chosen[i] & chosen[j]) / len(chosen[i]) if chosen[i] else np.nan
+                assert got.loc[a.name, b.name] == pytest.approx(want, nan_ok=True), (role, a.name, b.name)
     for f in ("effects-tvit-d50.png", "search-tvit-d50.png", "overlap.png", "overlap-sorted.png"):
         assert (R / "figures" / "modularity" / "img" / f).stat().st_size > 0

@@ -123,7 +123,9 @@ def test_balanced_kmeans_sizes(n, k):
     else:
         assert int((counts == hi).sum()) == r
     assert res.certified and res.converged
-    assert res.objective == pytest.approx(moe.kmeans_objective(x, res.labels), rel=1e-6)
+    # the objective by hand: squared distances of every point to the mean of its cluster
+    by_hand = sum(((x[res.labels == c] - x[res.labels == c].mean(axis=0)) ** 2).sum() for c in range(k) if (res.labels == c).any())
+    assert res.objective == pytest.approx(by_hand, rel=1e-6)
 
 
 def test_balanced_kmeans_deterministic_and_seeded():
@@ -135,7 +137,8 @@ def test_balanced_kmeans_deterministic_and_seeded():
     np.testing.assert_array_equal(a.centroids, b.centroids)
     assert a.objective == b.objective
     assert not np.array_equal(moe.kmeans_plus_plus(x, 8, 5), moe.kmeans_plus_plus(x, 8, 6))
-    assert c.labels.shape == a.labels.shape
+    # another seed starts elsewhere but still returns a balanced partition of the same points
+    assert np.bincount(c.labels, minlength=8).tolist() == [20] * 8
 
 
 def test_objective_never_worse_than_greedy_baseline():
@@ -241,14 +244,14 @@ def test_lorenz_table_and_trained_vs_random():
 
 
 def test_lorenz_plots(tmp_path):
-    from neuronatlas.modularity import figures as pm
+    from neuronatlas.modularity import figures
 
-    pm.lorenz_curves({"trained": np.array([5, 1, 0, 0]), "random": np.array([2, 1, 2, 1])}, tmp_path / "a.png", "layer 0")
+    figures.lorenz_curves({"trained": np.array([5, 1, 0, 0]), "random": np.array([2, 1, 2, 1])}, tmp_path / "a.png", "layer 0")
     clusters = {
         m: np.random.default_rng(i).permutation(np.repeat(np.arange(4), 5)).reshape(2, 10) for i, m in enumerate(("trained", "random"))
     }
     scores = {m: {"a": np.random.default_rng(7).random((2, 10)), "b": np.random.default_rng(8).random((2, 10))} for m in clusters}
-    pm.auc_by_layer(moe.lorenz_table(clusters, scores, 0.3, null_draws=5), tmp_path / "b.png")
+    figures.auc_by_layer(moe.lorenz_table(clusters, scores, 0.3, null_draws=5), tmp_path / "b.png")
     for name in ("a.png", "b.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -288,3 +291,17 @@ def test_moefy_tiny_model(tiny_models, name, tmp_path):
     assert meta["params"]["k"] == 4 and len(meta["layers"]) == L
     with pytest.raises(NeuronAtlasError, match="exceeds the MLP width"):
         moe.moefy_model(lm, W + 1)
+
+
+def test_null_auc_is_the_chance_level_of_random_selections():
+    """Chance AUC against an exhaustive enumeration of every selection, and draw by draw against a seeded loop."""
+    import itertools
+
+    clusters = np.array([0, 0, 0, 1, 1, 2, 2, 3])
+    k, n = 4, 3
+    subsets = list(itertools.combinations(range(clusters.size), n))
+    exact = np.mean([naive_lorenz_auc(list(np.bincount(clusters[list(s)], minlength=k))) for s in subsets])
+    assert moe.null_auc(clusters, n, k, draws=4000, seed=1) == pytest.approx(exact, abs=0.01)
+    rng = np.random.default_rng(7)  # the same seeded draws, tallied by hand
+    loop = [naive_lorenz_auc(list(np.bincount(clusters[rng.choice(clusters.size, n, replace=False)], minlength=k))) for _ in range(25)]
+    assert moe.null_auc(clusters, n, k, draws=25, seed=7) == pytest.approx(float(np.mean(loop)), rel=1e-12)

@@ -337,6 +337,18 @@ def test_neuron_sample_is_seeded_eligible_and_nested():
     assert len(tr) == len(te) == 10 and not set(tr) & set(te)
 
 
+def _mlp_input(lm, ids, layer: int) -> np.ndarray:
+    """(T, W) post-activation MLP units of a GPT-2 block for a window (after the model's prefix), by a torch pre-hook."""
+    got = {}
+    prefix = list(lm.manifest["prefix_ids"])
+    base = getattr(lm.model, "transformer", lm.model)  # the base model (no LM head) or the one inside it
+    hook = base.h[layer].mlp.c_proj.register_forward_pre_hook(lambda m, a: got.__setitem__("x", a[0][0].clone()))
+    with torch.no_grad():
+        lm.model(input_ids=torch.tensor([prefix + [int(i) for i in ids]]))
+    hook.remove()
+    return got["x"][len(prefix) :].numpy()
+
+
 def test_run_layer_recomputes_the_stored_examples_and_scores_held_out_tokens(tiny_gpt2, tiny_store, tiny_models):
     tmp, frame = tiny_store
     lm = tiny_gpt2
@@ -368,7 +380,13 @@ def test_run_layer_recomputes_the_stored_examples_and_scores_held_out_tokens(tin
     # the evaluation is the graph's prediction against the recomputed activations of the test windows
     for n, g in res.graphs.items():
         r = topk[topk.neuron == n].iloc[0]
-        assert r["tokens"] == r["firing_true"] + r["nonfiring_true"]
+        exs = build.neuron_examples(s.topk(1), n, docs)
+        test = [exs[i] for i in build.split_examples(len(exs), settings.train_fraction, 0, 1, n)[1]]
+        assert r["tokens"] == sum(len(ex.ids) for ex in test)  # every token of the held-out windows is scored
+        # the tokens that fire, from the MLP input of layer 1 read with a plain torch hook
+        a_max = float(s.neuron("max")[1][n])
+        fired = sum(int((_mlp_input(lm, ex.ids, 1)[:, n] / a_max > settings.fire_threshold).sum()) for ex in test)
+        assert r["firing_true"] == fired
         assert g.meta["augmentation"] == "tiny-bert" and g.meta["layer"] == 1
     # deterministic under the seed
     res2 = build.run_layer(

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from neuronatlas.bench import dag as bdag
+from neuronatlas.bench import dag as bench_dag
 from neuronatlas.core import models
 from neuronatlas.core.errors import ConfigError
 from neuronatlas.n2g import build
@@ -113,7 +113,7 @@ def test_a_knob_reruns_only_its_own_stage(run, tmp_path, edit, must, must_not):
     edit(edited)
     path = tmp_path / "edited.yaml"
     path.write_text(yaml.safe_dump(edited))
-    rules = {j.rule for j in bdag.dry_run(work, path).jobs}
+    rules = {j.rule for j in bench_dag.dry_run(work, path).jobs}
     assert must <= rules and not (must_not & rules)
     assert not rules & {"merge_activations", "prepare_model", "shard_corpus"}
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from neuronatlas.clusters import representations as rp
-from neuronatlas.clusters import vectors
+from neuronatlas.clusters import representations, vectors
 from neuronatlas.core import store
 from neuronatlas.core.errors import AssetMissingError, NeuronAtlasError
 
@@ -41,7 +40,7 @@ def test_raw_is_eq1_means_without_special_tokens(tmp_path, tokenizers):
     counts = [5, 1, 7, 7, 1, 3, 2, 9]
     sums = rng.standard_normal((2, len(ids), 3))
     path = make_store(tmp_path / "s.h5", ids, counts, sums)
-    rep = rp.raw_from_store(path, bert_manifest(tokenizers), progress=False)
+    rep = representations.raw_from_store(path, bert_manifest(tokenizers), progress=False)
     # manifest specials 0, 2, 3 and the tokenizer-flagged specials [UNK]=1, [MASK]=4 are dropped
     assert list(rep.token_ids) == [10, 11, 57]
     assert rep.attrs["n_special_dropped"] == 5
@@ -66,7 +65,7 @@ def tokenizers_token(tokenizers, i: int) -> str:
 def test_raw_from_several_stores_adds_them(tmp_path, tokenizers):
     a = make_store(tmp_path / "a.h5", [10, 11], [2, 3], np.ones((1, 2, 2)), shard=0)
     b = make_store(tmp_path / "b.h5", [11, 12], [1, 4], 2 * np.ones((1, 2, 2)), shard=1)
-    rep = rp.raw_from_store([a, b, b], bert_manifest(tokenizers), progress=False)  # b twice: bootstrap
+    rep = representations.raw_from_store([a, b, b], bert_manifest(tokenizers), progress=False)  # b twice: bootstrap
     assert list(rep.token_ids) == [10, 11, 12] and list(rep.token_count) == [2, 5, 8]
     np.testing.assert_allclose(rep.values[:, 1], (1 + 2 + 2) / 5)
     np.testing.assert_allclose(rep.values[:, 2], (2 + 2) / 8)
@@ -90,36 +89,36 @@ def test_every_variant_read_back_from_its_file_and_stats_equals_the_one_built_in
     counts = [5, 3, 2, 9, 1, 4]
     stats = make_store(tmp_path / "s.h5", ids, counts, rng.standard_normal((2, len(ids), 3)))
     manifest = bert_manifest(tokenizers)
-    raw = rp.raw_from_store(stats, manifest, progress=False)
-    built = {"raw": raw, "filter": rp.frequency_filter(raw, 2)}
-    built["tfidf"] = rp.tfidf_representation(built["filter"], "clip")
-    built["smooth"] = rp.smooth_representation(built["filter"], _Vectors(), k=2, lam=0.5)
-    columns = rp.raw_from_store(stats, manifest, progress=False, values=False)
+    raw = representations.raw_from_store(stats, manifest, progress=False)
+    built = {"raw": raw, "filter": representations.frequency_filter(raw, 2)}
+    built["tfidf"] = representations.tfidf_representation(built["filter"], "clip")
+    built["smooth"] = representations.smooth_representation(built["filter"], _Vectors(), k=2, lam=0.5)
+    columns = representations.raw_from_store(stats, manifest, progress=False, values=False)
     assert columns.values.size == 0 and list(columns.token_ids) == list(raw.token_ids)
-    recipes = {"raw": columns, "filter": rp.frequency_filter(columns, 2)}
-    recipes["tfidf"] = rp.tfidf_representation(recipes["filter"], "clip")
-    recipes["smooth"] = rp.smooth_representation(recipes["filter"], _Vectors(), k=2, lam=0.5)
+    recipes = {"raw": columns, "filter": representations.frequency_filter(columns, 2)}
+    recipes["tfidf"] = representations.tfidf_representation(recipes["filter"], "clip")
+    recipes["smooth"] = representations.smooth_representation(recipes["filter"], _Vectors(), k=2, lam=0.5)
     for variant, rep in recipes.items():
         path = tmp_path / f"{variant}.h5"
-        rp.write(path, rep)
-        back = rp.read(path, stats)
+        representations.write(path, rep)
+        back = representations.read(path, stats)
         np.testing.assert_array_equal(back.values, built[variant].values, err_msg=variant)
         assert list(back.token_ids) == list(built[variant].token_ids) and back.tokens == built[variant].tokens
         assert back.attrs["variant"] == variant
-        meta = rp.read(path, values=False)
+        meta = representations.read(path, values=False)
         assert meta.values.size == 0 and list(meta.token_ids) == list(back.token_ids)
     assert (tmp_path / "smooth.h5").stat().st_size < 20_000  # no (N, T) values on disk
     with pytest.raises(NeuronAtlasError, match="needs its stats.h5"):
-        rp.read(tmp_path / "raw.h5")
+        representations.read(tmp_path / "raw.h5")
     other = make_store(tmp_path / "o.h5", [10, 11], [1, 1], np.ones((2, 2, 3)))
     with pytest.raises(NeuronAtlasError, match="lacks token ids"):
-        rp.read(tmp_path / "raw.h5", other)
+        representations.read(tmp_path / "raw.h5", other)
 
 
-def toy(values, counts=None) -> rp.Representation:
+def toy(values, counts=None) -> representations.Representation:
     values = np.asarray(values, np.float32)
     n, t = values.shape
-    return rp.Representation(
+    return representations.Representation(
         values,
         np.arange(100, 100 + t),
         np.asarray(counts if counts is not None else [1] * t),
@@ -133,39 +132,39 @@ def toy(values, counts=None) -> rp.Representation:
 
 def test_frequency_filter():
     rep = toy(np.arange(8).reshape(2, 4), counts=[1, 5, 3, 20])
-    out = rp.frequency_filter(rep, 3)
+    out = representations.frequency_filter(rep, 3)
     assert list(out.token_ids) == [101, 102, 103] and out.tokens == ["t1", "t2", "t3"]
     np.testing.assert_array_equal(out.values, [[1, 2, 3], [5, 6, 7]])
     assert out.attrs["n_tokens_after_filter"] == 3 and out.attrs["n_tokens_before_filter"] == 4
     with pytest.raises(NeuronAtlasError, match="keeps no token"):
-        rp.frequency_filter(rep, 21)
+        representations.frequency_filter(rep, 21)
 
 
 def test_tfidf_hand_computed():
     R = np.array([[2.0, -1.0, 0.5], [1.0, 3.0, -2.0], [0.0, 1.0, 4.0]], np.float32)
     # df: token0 -> 2 (neurons 0,1), token1 -> 2 (1,2), token2 -> 2 (0,2); N = 3
     idf = np.log(4 / 3) + 1
-    clip = rp.tfidf(R, "clip")
+    clip = representations.tfidf(R, "clip")
     np.testing.assert_allclose(clip, np.maximum(R, 0) * idf, rtol=1e-6)
     R2 = np.array([[1.0, 1.0], [2.0, -1.0]], np.float32)  # df = [2, 1]
     expect = np.array([[1 * (np.log(3 / 3) + 1), 1 * (np.log(3 / 2) + 1)], [2 * 1.0, -1 * (np.log(3 / 2) + 1)]])
-    np.testing.assert_allclose(rp.tfidf(R2, "signed"), expect, rtol=1e-6)
+    np.testing.assert_allclose(representations.tfidf(R2, "signed"), expect, rtol=1e-6)
     with pytest.raises(NeuronAtlasError):
-        rp.tfidf(R2, "abs")
+        representations.tfidf(R2, "abs")
 
 
 def test_neighbours_and_smoothing_hand_computed():
     # 4 tokens; token 3 has no vector
     vec = np.array([[1, 0], [1, 1], [0, 1], [0, 0]], np.float32)
     has = np.array([True, True, True, False])
-    idx, sim = rp.neighbours(vec, has, k=2)
+    idx, sim = representations.neighbours(vec, has, k=2)
     s = 1 / np.sqrt(2)
     assert idx[0].tolist() == [1, 2] and sim[0] == pytest.approx([s, 0.0], abs=1e-6)
     assert idx[1].tolist() == [0, 2] and sim[1] == pytest.approx([s, s], abs=1e-6)  # tie -> lower column first
     assert idx[2].tolist() == [1, 0]
     assert idx[3].tolist() == [-1, -1]
     R = np.array([[1.0, 2.0, 3.0, 4.0], [0.0, -1.0, 1.0, 5.0]], np.float32)
-    out = rp.smooth(R, idx, sim, lam=0.5, k=2)
+    out = representations.smooth(R, idx, sim, lam=0.5, k=2)
     expect = R.astype(np.float64).copy()
     for v in range(3):
         for i, sv in zip(idx[v], sim[v]):
@@ -175,9 +174,9 @@ def test_neighbours_and_smoothing_hand_computed():
 
 
 def test_vector_keys():
-    assert rp.vector_key("##ing", "##ing") == "ing"
-    assert rp.vector_key(" The", "▁The") == "the"
-    assert rp.vector_key("", "Ġhello") == "hello"
+    assert representations.vector_key("##ing", "##ing") == "ing"
+    assert representations.vector_key(" The", "▁The") == "the"
+    assert representations.vector_key("", "Ġhello") == "hello"
 
 
 class DictVectors(vectors.TableVectors):
@@ -189,7 +188,7 @@ def test_smooth_representation_counts_tokens_without_vector():
     rep = toy([[1, 2, 3], [4, 5, 6]])
     rep.text = ["cat", "##dog", "zzz"]
     vec = DictVectors({"cat": [1, 0], "dog": [1, 0.1]})
-    out = rp.smooth_representation(rep, vec, k=5, lam=0.5)
+    out = representations.smooth_representation(rep, vec, k=5, lam=0.5)
     assert out.attrs["n_tokens_without_vector"] == 1 and out.attrs["tokens_without_vector_sample"] == ["zzz"]
     sim = (1 * 1 + 0) / np.sqrt(1 + 0.01)
     np.testing.assert_allclose(out.values[:, 0], rep.values[:, 0] + 0.5 / 5 * sim * rep.values[:, 1], rtol=1e-6)

@@ -100,15 +100,15 @@ def test_merge_memory_follows_the_shard_files(tmp_path):
 
 
 def test_cluster_jobs_read_the_representation_shape(tmp_path):
-    from neuronatlas.clusters import representations as rp
+    from neuronatlas.clusters import representations
 
     cfg = helpers.tiny_config(tmp_path)
     cfg = core_config.validate(cfg)
-    rep = rp.Representation(
+    rep = representations.Representation(
         np.zeros((0, 0), np.float32), np.arange(3000), np.ones(3000, np.int64), ["t"] * 3000, ["t"] * 3000, 2, 48, {"variant": "raw"}
     )
     path = tmp_path / "raw.h5"
-    rp.write(path, rep)
+    representations.write(path, rep)
     wide = clusters_dag.resources(cfg, "tree", "tbert", "fix", "mlp", str(path))
     guess = clusters_dag.resources(cfg, "tree", "tbert", "fix", "mlp", None)
     assert wide["mem_mb"] > guess["mem_mb"]  # 3,000 tokens on file, far more than the tiny corpus suggests

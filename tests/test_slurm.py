@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from neuronatlas.bench import dag as bdag
+from neuronatlas.bench import dag as bench_dag
 from neuronatlas.core import store
 
 import helpers
@@ -203,7 +203,7 @@ def test_tiny_dag_through_slurm_equals_local_run(cluster, tiny_dag, tmp_path, to
         for s in cfg["models"][m]["sites"]
     ]
     # device auto makes model jobs request a GPU; this node has none, so the site profile sets gpu: 0 for them
-    gpu_rules = {j.rule for j in bdag.dry_run(work, work / "tiny.yaml", *targets).jobs if j.res.get("gpu", "0") not in ("", "0")}
+    gpu_rules = {j.rule for j in bench_dag.dry_run(work, work / "tiny.yaml", *targets).jobs if j.res.get("gpu", "0") not in ("", "0")}
     profile = _site_profile(tmp_path, cluster, work, gpu_rules)
 
     proc, seconds = _run(work, profile, *targets)
@@ -211,7 +211,7 @@ def test_tiny_dag_through_slurm_equals_local_run(cluster, tiny_dag, tmp_path, to
     assert proc.returncode == 0, f"SLURM run failed (exit {proc.returncode}, {seconds:.0f} s):\n{text[-8000:]}"
     run_id = re.search(r"SLURM run ID: (\S+)", text).group(1)
     submitted = set(re.findall(r"has been submitted with SLURM jobid (\d+)", text))
-    jobs = bdag.parse_jobs(text)
+    jobs = bench_dag.parse_jobs(text)
     remote = [j for j in jobs if j.outputs]
     assert len(submitted) == len(remote) > 0, f"{len(submitted)} SLURM submissions for {len(remote)} jobs"
     states = _wait_sacct(run_id, submitted, {"COMPLETED"})

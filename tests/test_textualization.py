@@ -13,8 +13,7 @@ import torch
 from neuronatlas.core import adapters, models, tables
 from neuronatlas.core.errors import ConfigError, NeuronAtlasError
 from neuronatlas.textualization import dag as textualization_dag
-from neuronatlas.textualization import optimization as tz
-from neuronatlas.textualization import paper_tables
+from neuronatlas.textualization import optimization, paper_tables
 
 import helpers
 
@@ -23,7 +22,7 @@ import helpers
 def tx(tiny_models):
     torch.manual_seed(0)
     lm = models.load(tiny_models["bert"], "cpu", "float32", threads=1)
-    return tz.Textualizer(lm, "ffn_out")
+    return optimization.Textualizer(lm, "ffn_out")
 
 
 def _direct_ffn_out(tx, inputs_embeds=None, input_ids=None):
@@ -60,48 +59,48 @@ def _direct_ffn_out(tx, inputs_embeds=None, input_ids=None):
     ],
 )
 def test_is_latin(token, latin):
-    assert tz.is_latin(token) is latin
+    assert optimization.is_latin(token) is latin
 
 
 def test_vocabulary_flags_and_candidates(tx):
-    vocab = tz.vocabulary_table(tx.lm.tokenizer, tx.lm.manifest["special_ids"])
+    vocab = optimization.vocabulary_table(tx.lm.tokenizer, tx.lm.manifest["special_ids"])
     assert len(vocab) == len(tx.lm.tokenizer)
     specials = set(vocab.loc[vocab.special, "token"])
     assert {"[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]"} <= specials
-    cand = tz.candidate_ids(vocab, exclude_non_latin=False)
+    cand = optimization.candidate_ids(vocab, exclude_non_latin=False)
     assert not set(cand) & set(tx.lm.manifest["special_ids"])
     fake = pd.DataFrame({"token_id": [0, 1, 2, 3, 4], "token": ["[PAD]", "[unused7]", "word", "##ly", "北"]})
     fake["special"] = [True, False, False, False, False]
-    fake["unused"] = fake["token"].map(lambda t: bool(tz._UNUSED.match(t)))
-    fake["latin"] = fake["token"].map(tz.is_latin)
+    fake["unused"] = fake["token"].map(lambda t: bool(optimization._UNUSED.match(t)))
+    fake["latin"] = fake["token"].map(optimization.is_latin)
     fake["subword"] = [False, False, False, True, False]
     fake["word"] = [False, False, True, False, False]
-    assert list(tz.candidate_ids(fake, False)) == [2, 3, 4]
-    assert list(tz.candidate_ids(fake, True)) == [2, 3]
-    assert list(tz.target_pool(fake, exclude_subwords=True)["token_id"]) == [2]
+    assert list(optimization.candidate_ids(fake, False)) == [2, 3, 4]
+    assert list(optimization.candidate_ids(fake, True)) == [2, 3]
+    assert list(optimization.target_pool(fake, exclude_subwords=True)["token_id"]) == [2]
 
 
 def test_targets_are_seeded_frequent_first_and_disjoint(tx):
-    vocab = tz.vocabulary_table(tx.lm.tokenizer, tx.lm.manifest["special_ids"])
-    counts = tz.token_frequencies(tx.lm.tokenizer, helpers.fixture_texts(), len(vocab))
-    a = tz.choose_targets(vocab, counts, 10, 4, seed=3, exclude_subwords=False)
-    b = tz.choose_targets(vocab, counts, 10, 4, seed=3, exclude_subwords=False)
-    c = tz.choose_targets(vocab, counts, 10, 4, seed=4, exclude_subwords=False)
+    vocab = optimization.vocabulary_table(tx.lm.tokenizer, tx.lm.manifest["special_ids"])
+    counts = optimization.token_frequencies(tx.lm.tokenizer, helpers.fixture_texts(), len(vocab))
+    a = optimization.choose_targets(vocab, counts, 10, 4, seed=3, exclude_subwords=False)
+    b = optimization.choose_targets(vocab, counts, 10, 4, seed=3, exclude_subwords=False)
+    c = optimization.choose_targets(vocab, counts, 10, 4, seed=4, exclude_subwords=False)
     pd.testing.assert_frame_equal(a, b)
     assert list(a["kind"]) == ["frequent"] * 4 + ["random"] * 10
     assert a["token_id"].is_unique and set(a.token_id) != set(c.token_id)
     words = vocab.loc[vocab.word & ~vocab.special & ~vocab.unused]
     top = words.assign(c=counts[words.token_id]).sort_values(["c", "token_id"], ascending=[False, True]).head(4)
     assert list(a.token_id[:4]) == list(top.token_id)
-    pool = set(tz.target_pool(vocab, False).token_id)
+    pool = set(optimization.target_pool(vocab, False).token_id)
     assert set(a.token_id) <= pool
     with pytest.raises(NeuronAtlasError, match="n_random"):
-        tz.choose_targets(vocab, counts, 10**6, 0, seed=0, exclude_subwords=False)
+        optimization.choose_targets(vocab, counts, 10**6, 0, seed=0, exclude_subwords=False)
 
 
 def test_token_frequencies_count_every_token(tx):
     texts = ["the cat sat", "the dog"]
-    counts = tz.token_frequencies(tx.lm.tokenizer, texts, len(tx.lm.tokenizer))
+    counts = optimization.token_frequencies(tx.lm.tokenizer, texts, len(tx.lm.tokenizer))
     ids = [i for t in texts for i in tx.lm.tokenizer(t, add_special_tokens=False)["input_ids"]]
     assert counts.sum() == len(ids)
     assert all(counts[i] == ids.count(i) for i in set(ids))
@@ -134,14 +133,14 @@ def test_staged_forward_equals_the_full_forward(tx):
     full = _direct_ffn_out(tx, inputs_embeds=tx.inputs_embeds(static))
     layers = [1, 1, 0, 1, 0, 0]
     index = [3, 17, 5, 0, 23, 9]
-    targets = tz.Targets.singles(layers, index)
-    order = tz.order_rows(targets)
+    targets = optimization.Targets.singles(layers, index)
+    order = optimization.order_rows(targets)
     with torch.no_grad():
         got = tx.objective(static[order], targets.subset(order)).numpy()
     want = full[torch.arange(B), torch.tensor(layers), torch.tensor(index)].numpy()[order]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # a group's objective is the mean over its neurons, across layers
-    groups = tz.Targets.groups([[(0, 1), (1, 2), (1, 3)], [(0, 4)]])
+    groups = optimization.Targets.groups([[(0, 1), (1, 2), (1, 3)], [(0, 4)]])
     with torch.no_grad():
         g = tx.objective(static[:2], groups).numpy()
     np.testing.assert_allclose(g[0], full[0, [0, 1, 1], [1, 2, 3]].mean().item(), rtol=1e-5, atol=1e-6)
@@ -149,7 +148,7 @@ def test_staged_forward_equals_the_full_forward(tx):
     # all-neuron activations (no grad) agree too
     np.testing.assert_allclose(tx.activations(static).numpy(), full.detach().numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(NeuronAtlasError, match="ordered by target depth"):
-        tx.objective(static[:2], tz.Targets.singles([0, 1], [0, 0]))
+        tx.objective(static[:2], optimization.Targets.singles([0, 1], [0, 0]))
 
 
 # ----------------------------------------------------------------------------- the ascent
@@ -175,10 +174,10 @@ def _reference_ascent(tx, x0, layers, index, steps, lr, optimizer):
 @pytest.mark.parametrize("optimizer,lr", [("sgd", 5.0), ("adam", 0.05)])
 def test_gradients_reach_only_the_optimised_positions(tx, optimizer, lr):
     layers, index = [1, 0, 1], [4, 10, 20]
-    seeds = tz.row_seeds(0, 1, range(3))
-    res = tz.maximise(
+    seeds = optimization.row_seeds(0, 1, range(3))
+    res = optimization.maximise(
         tx,
-        tz.Targets.singles(layers, index),
+        optimization.Targets.singles(layers, index),
         seeds,
         steps=4,
         lr=lr,
@@ -198,11 +197,11 @@ def test_gradients_reach_only_the_optimised_positions(tx, optimizer, lr):
 
 
 def test_sgd_in_the_embedding_space_equals_sgd_on_x(tx):
-    targets = tz.Targets.singles([0, 1, 1], [3, 8, 15])
-    seeds = tz.row_seeds(1, 1, range(3))
+    targets = optimization.Targets.singles([0, 1, 1], [3, 8, 15])
+    seeds = optimization.row_seeds(1, 1, range(3))
     kw = dict(steps=25, lr=100.0, init="normal", init_scale=1.0, batch_size=3, progress=False)
-    lazy = tz.maximise(tx, targets, seeds, optimizer="sgd", **kw)
-    explicit = tz.maximise(tx, targets, seeds, optimizer="sgd-explicit", **kw)
+    lazy = optimization.maximise(tx, targets, seeds, optimizer="sgd", **kw)
+    explicit = optimization.maximise(tx, targets, seeds, optimizer="sgd-explicit", **kw)
     np.testing.assert_allclose(lazy.x, explicit.x, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(lazy.activation, explicit.activation, rtol=1e-3, atol=1e-5)
 
@@ -215,10 +214,10 @@ def test_cls_and_sep_stay_one_hot(tx):
 
     handle = tx.embeddings.register_forward_pre_hook(spy, with_kwargs=True)
     try:
-        res = tz.maximise(
+        res = optimization.maximise(
             tx,
-            tz.Targets.singles([0, 1], [2, 3]),
-            tz.row_seeds(0, 1, [0, 1]),
+            optimization.Targets.singles([0, 1], [2, 3]),
+            optimization.row_seeds(0, 1, [0, 1]),
             steps=5,
             lr=10.0,
             optimizer="sgd",
@@ -242,11 +241,11 @@ def test_cls_and_sep_stay_one_hot(tx):
 def test_optimisation_increases_the_target_activation(tx):
     layers = [0] * 4 + [1] * 4
     index = [0, 5, 11, 23] * 2
-    targets = tz.Targets.singles(layers, index)
-    res = tz.maximise(
+    targets = optimization.Targets.singles(layers, index)
+    res = optimization.maximise(
         tx,
         targets,
-        tz.row_seeds(0, 1, range(8)),
+        optimization.row_seeds(0, 1, range(8)),
         steps=30,
         lr=100.0,
         optimizer="sgd",
@@ -267,18 +266,21 @@ def test_optimisation_increases_the_target_activation(tx):
     assert list(res.history_steps) == [0, 10, 20, 30]
     np.testing.assert_allclose(res.history[0], res.initial)
     # every neuron: the optimised input beats the best single word
-    scan = tz.scan_vocabulary(
-        tx, tz.candidate_ids(tz.vocabulary_table(tx.lm.tokenizer, tx.lm.manifest["special_ids"]), False), 1, progress=False
+    scan = optimization.scan_vocabulary(
+        tx,
+        optimization.candidate_ids(optimization.vocabulary_table(tx.lm.tokenizer, tx.lm.manifest["special_ids"]), False),
+        1,
+        progress=False,
     )
     assert np.all(res.activation > scan.max_act[layers, index])
 
 
 def test_batched_equals_one_at_a_time(tx):
-    targets = tz.Targets.groups([[(0, 1)], [(1, 2), (0, 3)], [(1, 7)], [(0, 4), (0, 5)]])
-    seeds = tz.row_seeds(5, 2, range(4))
+    targets = optimization.Targets.groups([[(0, 1)], [(1, 2), (0, 3)], [(1, 7)], [(0, 4), (0, 5)]])
+    seeds = optimization.row_seeds(5, 2, range(4))
     kw = dict(steps=6, lr=50.0, optimizer="sgd", init="normal", init_scale=1.0, progress=False)
-    a = tz.maximise(tx, targets, seeds, batch_size=4, **kw)
-    b = tz.maximise(tx, targets, seeds, batch_size=1, **kw)
+    a = optimization.maximise(tx, targets, seeds, batch_size=4, **kw)
+    b = optimization.maximise(tx, targets, seeds, batch_size=1, **kw)
     np.testing.assert_allclose(a.activation, b.activation, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(a.static, b.static, rtol=1e-4, atol=1e-4)
 
@@ -299,9 +301,9 @@ def test_init_is_seeded_per_row(tx):
 
 
 def test_scan_equals_a_direct_per_word_computation(tx):
-    vocab = tz.vocabulary_table(tx.lm.tokenizer, tx.lm.manifest["special_ids"])
-    ids = tz.candidate_ids(vocab, False)
-    scan = tz.scan_vocabulary(tx, ids, top_n=3, batch=37, progress=False)
+    vocab = optimization.vocabulary_table(tx.lm.tokenizer, tx.lm.manifest["special_ids"])
+    ids = optimization.candidate_ids(vocab, False)
+    scan = optimization.scan_vocabulary(tx, ids, top_n=3, batch=37, progress=False)
     direct = np.zeros((len(ids), tx.n_layers, tx.width), np.float32)
     with torch.no_grad():
         for j, t in enumerate(ids):  # one word at a time, token ids through the model's own embedding
@@ -315,7 +317,7 @@ def test_scan_equals_a_direct_per_word_computation(tx):
         np.testing.assert_allclose(scan.top_act[layer, i], col[order], rtol=1e-4, atol=1e-5)
         # the scan's most activating word is a word with the largest direct activation (ties within rounding)
         assert col[np.searchsorted(ids, scan.argmax[layer, i])] == pytest.approx(col.max(), abs=1e-5)
-    np.testing.assert_allclose(tz.word_activations(tx, ids[:9]), direct[:9], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(optimization.word_activations(tx, ids[:9]), direct[:9], rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- groups
@@ -325,15 +327,15 @@ def test_group_selection_absolute_vs_relative_on_a_hand_made_case():
     # neuron:     0     1     2     3     4
     a_word = np.array([5.0, 4.0, 1.0, 0.5, 3.0])
     a_max = np.array([10.0, 4.0, 1.0, 0.5, -1.0])  # neuron 4 never fires positively: no relative share
-    assert list(tz.select_group(a_word, a_max, 2, "absolute")) == [0, 1]
+    assert list(optimization.select_group(a_word, a_max, 2, "absolute")) == [0, 1]
     # relative: 0.5, 1.0, 1.0, 1.0, excluded -> ties broken by the lower id
-    assert list(tz.select_group(a_word, a_max, 2, "relative")) == [1, 2]
-    assert list(tz.select_group(a_word, a_max, 4, "relative")) == [1, 2, 3, 0]
-    assert list(tz.select_group(a_word, a_max, 3, "absolute")) == [0, 1, 4]
+    assert list(optimization.select_group(a_word, a_max, 2, "relative")) == [1, 2]
+    assert list(optimization.select_group(a_word, a_max, 4, "relative")) == [1, 2, 3, 0]
+    assert list(optimization.select_group(a_word, a_max, 3, "absolute")) == [0, 1, 4]
     with pytest.raises(NeuronAtlasError, match="exceeds"):
-        tz.select_group(a_word, a_max, 5, "relative")
+        optimization.select_group(a_word, a_max, 5, "relative")
     with pytest.raises(ConfigError, match="selections"):
-        tz.select_group(a_word, a_max, 1, "both")
+        optimization.select_group(a_word, a_max, 1, "both")
 
 
 def test_closest_words_and_rank_match_numpy():
@@ -341,32 +343,32 @@ def test_closest_words_and_rank_match_numpy():
     vec, words = rng.normal(size=(5, 8)), rng.normal(size=(40, 8))
     ids = np.arange(100, 140)
     cos = (vec / np.linalg.norm(vec, axis=1, keepdims=True)) @ (words / np.linalg.norm(words, axis=1, keepdims=True)).T
-    got_ids, got_cos = tz.closest_words(torch.from_numpy(vec), torch.from_numpy(words), ids, 4, chunk=2)
+    got_ids, got_cos = optimization.closest_words(torch.from_numpy(vec), torch.from_numpy(words), ids, 4, chunk=2)
     want = np.argsort(-cos, axis=1)[:, :4]
     np.testing.assert_array_equal(got_ids, ids[want])
     np.testing.assert_allclose(got_cos, np.take_along_axis(cos, want, 1), rtol=1e-6)
     targets = ids[[0, 5, 9, 20, 39]]
-    ranks = tz.rank_of(torch.from_numpy(vec), torch.from_numpy(words), ids, targets)
+    ranks = optimization.rank_of(torch.from_numpy(vec), torch.from_numpy(words), ids, targets)
     want_rank = [int((cos[r] > cos[r, t - 100]).sum()) + 1 for r, t in enumerate(targets)]
     assert list(ranks) == want_rank
 
 
 def test_sample_neurons_is_seeded_and_per_layer():
-    a = tz.sample_neurons(3, 50, 0.1, 0, shared=True)
+    a = optimization.sample_neurons(3, 50, 0.1, 0, shared=True)
     assert len(a) == 15 and [layer for layer, _ in a] == [0] * 5 + [1] * 5 + [2] * 5
     assert [i for layer, i in a if layer == 0] == [i for layer, i in a if layer == 2]
-    b = tz.sample_neurons(3, 50, 0.1, 0, shared=False)
+    b = optimization.sample_neurons(3, 50, 0.1, 0, shared=False)
     assert len(b) == 15 and [i for layer, i in b if layer == 0] != [i for layer, i in b if layer == 2]
-    assert a == tz.sample_neurons(3, 50, 0.1, 0, shared=True) != tz.sample_neurons(3, 50, 0.1, 1, shared=True)
-    assert len(tz.sample_neurons(12, 768, 0.1, 0, True)) == 924  # the paper's 77 per layer
+    assert a == optimization.sample_neurons(3, 50, 0.1, 0, shared=True) != optimization.sample_neurons(3, 50, 0.1, 1, shared=True)
+    assert len(optimization.sample_neurons(12, 768, 0.1, 0, True)) == 924  # the paper's 77 per layer
 
 
 def test_trend_and_mean_sd():
     layer = np.repeat(np.arange(4), 5).astype(float)
     value = 2.0 - 0.5 * layer + np.tile([0.1, -0.1, 0.05, -0.05, 0.0], 4)
-    t = tz.trend(layer, value)
+    t = optimization.trend(layer, value)
     assert abs(t["beta"] + 0.5) < 1e-9 and t["df"] == 18 and t["p"] < 1e-10
-    m, s = tz.mean_sd([1.0, 2.0, 3.0])
+    m, s = optimization.mean_sd([1.0, 2.0, 3.0])
     assert m == 2.0 and s == 1.0
 
 
@@ -408,11 +410,11 @@ def test_group_tables_on_a_hand_made_frame():
 
 
 def _cfg(tmp_path, tokenizers, **tz_section):
-    from neuronatlas.core import config as nacfg
+    from neuronatlas.core import config as core_config
 
     cfg = helpers.tiny_config(tmp_path, tokenizers)
     cfg["textualization"] = {"models": ["tbert"], **tz_section}
-    return nacfg.validate(copy.deepcopy(cfg))
+    return core_config.validate(copy.deepcopy(cfg))
 
 
 def test_config_checks(tmp_path, tokenizers):

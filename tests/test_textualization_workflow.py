@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from neuronatlas.bench import dag as bdag
+from neuronatlas.bench import dag as bench_dag
 from neuronatlas.core import adapters, corpus, models
 from neuronatlas.textualization import dag as textualization_dag
 from neuronatlas.textualization import jobs as textualization_jobs
@@ -128,7 +128,7 @@ def _dry_run(work: Path, cfg: dict, edit, name: str) -> dict[str, int]:
     path = work / f"tz-{name}.yaml"
     path.write_text(yaml.safe_dump(c))
     proc = helpers.snakemake(work, "-n", configfile=path.name)
-    stats = bdag.parse_stats(proc.stdout + proc.stderr)
+    stats = bench_dag.parse_stats(proc.stdout + proc.stderr)
     return {rule: n for rule, n in stats.items() if rule not in ("all", "total")}
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from neuronatlas.core import config as nacfg
+from neuronatlas.core import config as core_config
 from neuronatlas.core import corpus, extract, models, store
 
 import helpers
@@ -23,10 +23,10 @@ def tiny_run(tiny_dag):
 def test_dag_produces_every_stats_file(tiny_run):
     work, cfg = tiny_run
     R = Path(cfg["results_dir"])
-    for m, d, s in nacfg.grid(cfg):
+    for m, d, s in core_config.grid(cfg):
         assert (R / m / d / s / "activations" / "stats.h5").exists()
     summary = pd.read_csv(R / "summary" / "activations.csv")
-    assert len(summary) == len(nacfg.grid(cfg)) == 9  # 7 text + the modularity stage's two tiny ViTs (mlp on fimg)
+    assert len(summary) == len(core_config.grid(cfg)) == 9  # 7 text + the modularity stage's two tiny ViTs (mlp on fimg)
     # eval shard 2 of `fix` is held out: never extracted, never merged
     assert not list((R / "tbert" / "fix" / "activations").glob("shard-2.h5"))
     assert set(summary.loc[summary.dataset == "fix", "shards"]) == {"0 1"}

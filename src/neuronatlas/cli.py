@@ -11,10 +11,10 @@ import yaml
 
 
 def _results_dir(configfile: str | None) -> Path:
-    from neuronatlas.core import config as nacfg
+    from neuronatlas.core import config as core_config
 
-    path = Path(configfile or nacfg.REPO_ROOT / "config" / "demo.yaml")
-    cfg = nacfg.load(path)
+    path = Path(configfile or core_config.REPO_ROOT / "config" / "demo.yaml")
+    cfg = core_config.load(path)
     return Path(cfg["results_dir"]), cfg
 
 
@@ -35,14 +35,19 @@ def summary(configfile: str | None = None) -> int:
     print(frame[cols].to_string(index=False))
     size = sum(p.stat().st_size for p in results.rglob("*") if p.is_file())
     print(f"\n{len(frame)} stores, {frame['tokens'].sum():,} tokens in all; {size / 2**30:.2f} GiB under {results}/")
+    claims = results / "replication" / "claims.csv"
+    if claims.exists():
+        verdicts = pd.read_csv(claims)["verdict"].value_counts()
+        counts = ", ".join(f"{int(verdicts.get(v, 0))} {v}" for v in ("reproduced", "not reproduced", "inconclusive"))
+        print(f"\nReplication report: {len(pd.read_csv(claims))} claim rows ({counts}) in {claims.with_suffix('.md').resolve()}")
     return 0
 
 
 def validate(configfile: str) -> int:
     """Validate a config file and print the filled-in result."""
-    from neuronatlas.core import config as nacfg
+    from neuronatlas.core import config as core_config
 
-    cfg = nacfg.load(configfile)
+    cfg = core_config.load(configfile)
     yaml.safe_dump(cfg, sys.stdout, sort_keys=False)
     return 0
 

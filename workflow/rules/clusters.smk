@@ -29,8 +29,8 @@ rule clusters_fetch_vectors:
         CPU_ENV
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=120,
+        mem_mb=lambda wc, attempt: estimate.scaled(1000, 120, attempt)["mem_mb"],
+        runtime=lambda wc, attempt: estimate.scaled(1000, 120, attempt)["runtime"],
     params:
         url=lambda wc: vectors.DOWNLOADS[wc.name],
     script:
@@ -124,7 +124,8 @@ rule clusters_sweep:
         ],
         stats=paths.site(R, "{model}", "{dataset}", "{site}")["stats"],
     output:
-        f"{CLUSTERS_SITE}/clusters/distance-sweep.csv",
+        summary=f"{CLUSTERS_SITE}/clusters/distance-sweep.csv",
+        clusters=f"{CLUSTERS_SITE}/clusters/distance-clusters.csv",
     log:
         log_path("clusters_sweep", "{model}/{dataset}/{site}"),
     benchmark:
@@ -140,7 +141,11 @@ rule clusters_sweep:
             config, "sweep", wc.model, wc.dataset, wc.site, input.representations[0], attempt
         )["runtime"],
     params:
-        sweep={"ks": clusters_dag.sweep_ks(config), "variants": clusters_dag.variants(config)},
+        sweep={
+            "ks": clusters_dag.sweep_ks(config),
+            "cluster_ks": clusters_dag.ks(config),
+            "variants": clusters_dag.variants(config),
+        },
     script:
         "../scripts/clusters_sweep.py"
 
@@ -211,7 +216,7 @@ rule clusters_figures:
 
 rule clusters_tables:
     input:
-        clusters_dag.flatten(clusters_dag.table_inputs(config)),
+        paths.every_path(clusters_dag.table_inputs(config)),
     output:
         **{
             name: (

@@ -1,4 +1,4 @@
-# Modularity (Pochinkov et al., Modularity in Transformers; docs/methods/modularity.md, moefication.md).
+# Modularity (Pochinkov et al., Modularity in Transformers; docs/methods/modularity.md).
 #   modularity_train    per `source: train` model: an image classifier trained by the workflow (the demo's ViT)
 #   modularity_scores   per (model, experiment): eq. 1 scores of every task vs the reference set (trained and twin)
 #   modularity_prune    per (trained model, experiment, drop): bisection to the target drop for every task,

@@ -8,6 +8,6 @@ with logged(snakemake.log[0]):
         dict(zip(variants, snakemake.input.representations)),
         snakemake.input.stats,
         dict(zip(variants, snakemake.input.trees)),
-        snakemake.output[0],
+        dict(snakemake.output.items()),
         snakemake.params.sweep,
     )

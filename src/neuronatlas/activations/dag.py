@@ -45,8 +45,9 @@ def head_datasets(config: Mapping[str, Any], model: str) -> list[str]:
 
 
 def shard_params(config: Mapping[str, Any], dataset: str) -> dict[str, Any]:
-    """Everything a shard_corpus job depends on: the dataset's spec (not its description) and the seed."""
-    spec = {k: v for k, v in config["datasets"][dataset].items() if k != "description"}
+    """Everything a shard_corpus job depends on: the dataset's spec and the seed (not its description, nor which
+    shards are held out: that decides what is extracted and merged, not how the corpus is split)."""
+    spec = {k: v for k, v in config["datasets"][dataset].items() if k not in ("description", "eval_shards")}
     return {"spec": spec, "seed": config["seed"]}
 
 

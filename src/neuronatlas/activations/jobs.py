@@ -82,7 +82,8 @@ def extract_activations(dataset: str, shard: int, manifest: str, shard_file: str
         "shard": int(shard),
         "model_origin": lm.manifest["origin"],
         "model_revision": lm.manifest.get("revision") or "",
-        "config_hash": config_hash(dict(params)),
+        "model_params_hash": lm.manifest.get("params_hash") or "",
+        "extraction_hash": config_hash(dict(params)),
         "device": str(lm.device),
         "dtype": str(lm.dtype).replace("torch.", ""),
     }

@@ -22,9 +22,9 @@ REPO = Path(__file__).resolve().parents[3]
 def _demo_inputs() -> tuple[Path, Path, str, dict[str, Any]]:
     import yaml
 
-    from neuronatlas.core import config as nacfg
+    from neuronatlas.core import config as core_config
 
-    cfg = nacfg.validate(yaml.safe_load((REPO / "config" / "demo.yaml").read_text()))
+    cfg = core_config.validate(yaml.safe_load((REPO / "config" / "demo.yaml").read_text()))
     R = REPO / cfg["results_dir"]
     manifest = R / "models" / "gemma" / "manifest.json"
     for d in [*cfg["n2g"]["runs"].get("gemma", [])] + ["wiki", "code", "drugs"]:

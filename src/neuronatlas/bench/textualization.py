@@ -25,12 +25,12 @@ from neuronatlas.bench import median, register, timed
 
 def _setup(tmp: Path):
     from neuronatlas.core import models
-    from neuronatlas.textualization import optimization as tz
+    from neuronatlas.textualization import optimization
 
     params = {"model": "minilm", "source": "packaged", "name": "all-minilm-l6-v2", "family": "auto", "seed": 0}
     models.prepare(params, tmp / "minilm")
     lm = models.load(tmp / "minilm" / "manifest.json", "cpu", "float32", threads=2)
-    return tz.Textualizer(lm, "ffn_out")
+    return optimization.Textualizer(lm, "ffn_out")
 
 
 @register("textualization")
@@ -38,46 +38,46 @@ def run(quick: bool = False) -> dict[str, Any]:
     """Neurons optimised per minute, batched vs one at a time (and the forward / update variants)."""
     import torch
 
-    from neuronatlas.textualization import optimization as tz
+    from neuronatlas.textualization import optimization
 
     torch.set_num_threads(2)
     per_layer, steps, reps = (2, 5, 1) if quick else (8, 20, 2)
     with tempfile.TemporaryDirectory() as tmp:
         tx = _setup(Path(tmp))
-        neurons = tz.sample_neurons(tx.n_layers, tx.width, per_layer / tx.width, 0, True)
+        neurons = optimization.sample_neurons(tx.n_layers, tx.width, per_layer / tx.width, 0, True)
         layers = np.array([layer for layer, _ in neurons])
         index = np.array([i for _, i in neurons])
         n = len(neurons)
-        singles = tz.Targets.singles(layers, index)
+        singles = optimization.Targets.singles(layers, index)
         # every row also "needs" the last layer (weight 0): the same objective, computed through all blocks
-        full_depth = tz.Targets(
+        full_depth = optimization.Targets(
             n,
             np.concatenate([np.arange(n), np.arange(n)]),
             np.concatenate([layers, np.full(n, tx.n_layers - 1)]),
             np.concatenate([index, np.zeros(n, np.int64)]),
             np.concatenate([np.ones(n, np.float32), np.zeros(n, np.float32)]),
         )
-        seeds = tz.row_seeds(0, 1, layers * tx.width + index)
+        seeds = optimization.row_seeds(0, 1, layers * tx.width + index)
         kw = dict(steps=steps, lr=100.0, init="normal", init_scale=1.0, history_every=steps, progress=False)
         variants = {
-            "one_at_a_time": lambda: tz.maximise(tx, singles, seeds, optimizer="sgd", batch_size=1, **kw),
-            "batched": lambda: tz.maximise(tx, singles, seeds, optimizer="sgd", batch_size=n, **kw),
-            "batched_full_depth": lambda: tz.maximise(tx, full_depth, seeds, optimizer="sgd", batch_size=n, **kw),
-            "batched_stop_per_layer": lambda: tz.maximise(tx, singles, seeds, optimizer="sgd", batch_size=per_layer, **kw),
-            "batched_sgd_on_x": lambda: tz.maximise(tx, singles, seeds, optimizer="sgd-explicit", batch_size=n, **kw),
+            "one_at_a_time": lambda: optimization.maximise(tx, singles, seeds, optimizer="sgd", batch_size=1, **kw),
+            "batched": lambda: optimization.maximise(tx, singles, seeds, optimizer="sgd", batch_size=n, **kw),
+            "batched_full_depth": lambda: optimization.maximise(tx, full_depth, seeds, optimizer="sgd", batch_size=n, **kw),
+            "batched_stop_per_layer": lambda: optimization.maximise(tx, singles, seeds, optimizer="sgd", batch_size=per_layer, **kw),
+            "batched_sgd_on_x": lambda: optimization.maximise(tx, singles, seeds, optimizer="sgd-explicit", batch_size=n, **kw),
         }
         results: dict[str, list[float]] = {name: [] for name in variants}
         finals: dict[str, np.ndarray] = {}
-        tz.maximise(tx, singles, seeds, optimizer="sgd", batch_size=n, **{**kw, "steps": 1})  # warm-up
+        optimization.maximise(tx, singles, seeds, optimizer="sgd", batch_size=n, **{**kw, "steps": 1})  # warm-up
         for _ in range(reps):  # interleaved repetitions; the first one's results check that the variants agree
             for name, fn in variants.items():
                 out: dict[str, Any] = {}
                 results[name].append(timed(lambda: out.setdefault("r", fn())))
                 finals.setdefault(name, out["r"].activation)
         t = {name: median(v) for name, v in results.items()}
-        vocab = tz.vocabulary_table(tx.lm.tokenizer, tx.lm.manifest["special_ids"])
-        ids = tz.candidate_ids(vocab, False)[: 1024 if quick else 4096]
-        scan_t = timed(lambda: tz.scan_vocabulary(tx, ids, 5, 512, progress=False))
+        vocab = optimization.vocabulary_table(tx.lm.tokenizer, tx.lm.manifest["special_ids"])
+        ids = optimization.candidate_ids(vocab, False)[: 1024 if quick else 4096]
+        scan_t = timed(lambda: optimization.scan_vocabulary(tx, ids, 5, 512, progress=False))
     per_min = {name: 60.0 * n / sec for name, sec in t.items()}
     ref = finals["batched"]
     # the variants compute the same ascent; float rounding differs (batch shapes, update form) and lr-100 SGD can
@@ -106,7 +106,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "final_activation_vs_batched": agree,
         "mean_final_activation_batched": float(np.mean(ref)),
         "scan_words_per_second": round(len(ids) / scan_t, 1),
-        "scan_seconds_full_vocabulary_estimate": round(len(tz.candidate_ids(vocab, False)) / (len(ids) / scan_t), 1),
+        "scan_seconds_full_vocabulary_estimate": round(len(optimization.candidate_ids(vocab, False)) / (len(ids) / scan_t), 1),
     }
 
 

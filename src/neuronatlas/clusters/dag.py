@@ -310,11 +310,18 @@ def table_outputs(results: str) -> dict[str, str]:
     return out
 
 
-def flatten(nested: Any) -> list[str]:
-    """Every path of a nested dict of paths."""
-    if isinstance(nested, Mapping):
-        return [p for v in nested.values() for p in flatten(v)]
-    return [nested]
+def claim_inputs(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What the replication report reads of this method: per-cluster distances, clusterings, the index table."""
+    if not enabled(config):
+        return {}
+    results = config["results_dir"]
+    sites = {}
+    for m, d, s in grid(config):
+        sites[f"{m}/{d}/{s}"] = {
+            "distance_clusters": f"{paths.site(results, m, d, s)['dir']}/clusters/distance-clusters.csv",
+            "clusterings": {v: {str(k): f"{clusters_dir(results, m, d, s, v)}/k{k}.parquet" for k in ks(config)} for v in variants(config)},
+        }
+    return {"sites": sites, "index_table": table_outputs(results)["index_clustering_csv"]}
 
 
 def targets(config: Mapping[str, Any]) -> list[str]:
@@ -352,9 +359,10 @@ def resources(
     rep_mb = n * t * 4 / 2**20
     clu = config["clustering"]
     exact = clu["method"] == "exact" or (clu["method"] == "auto" and n <= clu["exact_max_neurons"])
-    shape = estimate.shape_of(config["models"], model)
-    if job == "representation":
-        mem, minutes = 800 + 2.2 * rep_mb + t * max(shape.d_ff, shape.d_model) * 8 * 2 / 2**20, rep_mb / 200
+    # word vectors held by the smoothing and Fig. 3: GloVe 6B-50d (packaged) or a fastText .bin (words + subwords)
+    vectors_mb = 300 if vectors_source(config) == PACKAGED_VECTORS else 6000
+    if job == "representation":  # token columns only (and the smoothing neighbours): no neuron values
+        mem, minutes = 1000 + vectors_mb + t * 2000 / 2**20, 1
     elif job == "tree":
         condensed = 4 * n * n / 2**20 if exact else 8 * clu["centroids"]["n"] ** 2 / 2**20
         flops = (
@@ -368,7 +376,7 @@ def resources(
     elif job == "cut":
         mem, minutes = 800 + 2.2 * rep_mb, len(ks(config)) * rep_mb / 150
     elif job in ("figures", "bootstrap"):
-        mem, minutes = 800 + 2.2 * rep_mb, rep_mb / 300
+        mem, minutes = 800 + vectors_mb + 2.2 * rep_mb, rep_mb / 300
         if job == "bootstrap":
             mem += 4 * n * n / 2**20 if exact else 0
             minutes *= 2 * clu["bootstrap"]["replicates"]

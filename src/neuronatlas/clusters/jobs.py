@@ -11,9 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from neuronatlas.clusters import clustering as cl
-from neuronatlas.clusters import explanations as ex
-from neuronatlas.clusters import representations as rp
+from neuronatlas.clusters import clustering, explanations, representations
 from neuronatlas.core import tables
 from neuronatlas.core.errors import NeuronAtlasError
 from neuronatlas.core.io import config_hash, read_json
@@ -23,46 +21,48 @@ def clusters_representation(variant: str, inputs: Mapping[str, str], output: str
     """Rule clusters_representation: one variant's token columns and recipe (raw from stats.h5, the others
     from their source variant); the values are recomputed from stats.h5 by whoever reads it."""
     if variant == "raw":
-        rep = rp.raw_from_store(inputs["stats"], read_json(inputs["manifest"]), progress=False, values=False)
+        rep = representations.raw_from_store(inputs["stats"], read_json(inputs["manifest"]), progress=False, values=False)
         print(
             f"raw: {rep.attrs['n_tokens_seen']} token ids seen, {rep.attrs['n_special_dropped']} special dropped "
             f"({', '.join(rep.attrs['special_dropped'][:12])}), {len(rep.tokens)} kept"
         )
     else:
-        source = rp.read(inputs["source"], values=False)
+        source = representations.read(inputs["source"], values=False)
         if variant == "filter":
-            rep = rp.frequency_filter(source, int(params["min_count"]))
+            rep = representations.frequency_filter(source, int(params["min_count"]))
             print(
                 f"filter: min_count {params['min_count']}: {rep.attrs['n_tokens_after_filter']} of "
                 f"{rep.attrs['n_tokens_before_filter']} tokens kept"
             )
         elif variant == "tfidf":
-            rep = rp.tfidf_representation(source, params["negative"])
+            rep = representations.tfidf_representation(source, params["negative"])
         elif variant == "smooth":
             from neuronatlas.clusters import vectors
 
-            rep = rp.smooth_representation(source, vectors.load(params["vectors"]), int(params["neighbors"]), float(params["lambda"]))
+            rep = representations.smooth_representation(
+                source, vectors.load(params["vectors"]), int(params["neighbors"]), float(params["lambda"])
+            )
             print(f"smooth: {rep.attrs['n_tokens_without_vector']} of {len(rep.tokens)} tokens have no vector (left unchanged)")
         else:
-            raise NeuronAtlasError(f"unknown representation variant {variant!r}; allowed: {', '.join(rp.VARIANTS)}")
+            raise NeuronAtlasError(f"unknown representation variant {variant!r}; allowed: {', '.join(representations.VARIANTS)}")
     rep.attrs["variant"] = variant
     rep.attrs["params"] = dict(params)
     rep.attrs["config_hash"] = config_hash(dict(params))
-    rp.write(output, rep)
+    representations.write(output, rep)
     print(f"{variant}: {rep.n_neurons} neurons x {len(rep.tokens)} tokens -> {output}")
 
 
 def clusters_tree(representation: str, stats: str, output: str, params: Mapping[str, Any]) -> None:
     """Rule clusters_tree: the agglomerative tree of one representation (exact or via centroids)."""
-    rep = rp.read(representation, stats)
+    rep = representations.read(representation, stats)
     n = rep.n_neurons
-    method = cl.resolve_method(params["method"], n, int(params.get("exact_max_neurons", n)))
+    method = clustering.resolve_method(params["method"], n, int(params.get("exact_max_neurons", n)))
     centroids = params.get("centroids") or {}
     print(
         f"{rep.attrs.get('model')}/{rep.attrs.get('dataset')}/{rep.attrs.get('site')}/{rep.attrs.get('variant')}: "
         f"{n} neurons x {len(rep.tokens)} tokens, method {method}, {params['linkage']} linkage"
     )
-    tree = cl.build_tree(
+    tree = clustering.build_tree(
         rep.values,
         method,
         params["linkage"],
@@ -76,30 +76,30 @@ def clusters_tree(representation: str, stats: str, output: str, params: Mapping[
     del rep.values
     tree.attrs.update({k: rep.attrs.get(k) for k in ("model", "dataset", "site", "variant")})
     tree.attrs.update(n_layers=rep.n_layers, width=rep.width, params=dict(params), config_hash=config_hash(dict(params)))
-    cl.save_tree(output, tree)
+    clustering.save_tree(output, tree)
 
 
 def clusters_cut(tree_path: str, representation: str, stats: str, outputs: Mapping[str, str], params: Mapping[str, Any]) -> None:
     """Rule clusters_cut: for every K, the tree cut at K clusters, its refinement (section 5.3) with the trace,
     and the top tokens of both (outputs named as clusters.dag.cut_outputs)."""
-    tree = cl.load_tree(tree_path)
-    rep = rp.read(representation, stats)
+    tree = clustering.load_tree(tree_path)
+    rep = representations.read(representation, stats)
     for k in params["ks"]:
         k = int(k)
-        labels = cl.cut(tree, k)
-        cols = cl.labels_table(labels, int(tree.attrs["width"]))
+        labels = clustering.cut(tree, k)
+        cols = clustering.labels_table(labels, int(tree.attrs["width"]))
         meta = {key: tree.attrs.get(key) for key in ("model", "dataset", "site", "variant", "n_layers", "width")}
         meta.update(k=k, method=tree.method, linkage=tree.linkage, refined=False)
-        cl.write_parquet(outputs[f"clusters_k{k}"], cols, meta)
+        clustering.write_parquet(outputs[f"clusters_k{k}"], cols, meta)
         sizes = np.bincount(labels)
         print(f"K={k}: cluster sizes min {sizes.min()}, median {int(np.median(sizes))}, max {sizes.max()}")
         explain(rep, cols, meta, outputs[f"explanations_k{k}"], outputs[f"markdown_k{k}"], params["explain"])
-        keep, trace = cl.refine(rep.values, labels, float(params["threshold"]))
+        keep, trace = clustering.refine(rep.values, labels, float(params["threshold"]))
         rows = np.flatnonzero(keep)
         meta.update(refined=True, refine_threshold=float(params["threshold"]))
-        refined = cl.labels_table(labels, rep.width, rows)
-        cl.write_parquet(outputs[f"refined_k{k}"], refined, meta)
-        cl.write_parquet(outputs[f"trace_k{k}"], trace, meta)
+        refined = clustering.labels_table(labels, rep.width, rows)
+        clustering.write_parquet(outputs[f"refined_k{k}"], refined, meta)
+        clustering.write_parquet(outputs[f"trace_k{k}"], trace, meta)
         kept = np.bincount(labels[rows], minlength=k)
         print(
             f"refined K={k}: {rows.size} of {rep.n_neurons} neurons kept; cluster sizes median {np.median(kept):g}, "
@@ -109,12 +109,17 @@ def clusters_cut(tree_path: str, representation: str, stats: str, outputs: Mappi
 
 
 def explain(
-    rep: rp.Representation, cols: Mapping[str, np.ndarray], meta: Mapping[str, Any], csv_out: str, md_out: str, params: Mapping[str, Any]
+    rep: representations.Representation,
+    cols: Mapping[str, np.ndarray],
+    meta: Mapping[str, Any],
+    csv_out: str,
+    md_out: str,
+    params: Mapping[str, Any],
 ) -> None:
     """Top-N tokens per cluster of one clustering as CSV + markdown (Tables 1 and 4)."""
     k = int(meta["k"])
-    rows = ex.top_tokens(rep, cols["neuron_id"], cols["cluster"], k, int(params["top_n"]), bool(params["normalize"]))
-    tables.write_csv(csv_out, rows, ex.COLUMNS)
+    rows = explanations.top_tokens(rep, cols["neuron_id"], cols["cluster"], k, int(params["top_n"]), bool(params["normalize"]))
+    tables.write_csv(csv_out, rows, explanations.COLUMNS)
     layers: dict[int, list[int]] = {}
     for c, layer in zip(cols["cluster"], cols["layer"]):
         layers.setdefault(int(c), []).append(int(layer))
@@ -123,34 +128,50 @@ def explain(
         f"Top-activating tokens: {meta['model']} / {meta['dataset']} / {meta['site']}, variant {meta['variant']}, "
         f"K = {k}{' (refined)' if meta.get('refined') else ''}"
     )
-    tables.write_text(md_out, ex.markdown(rows, title, str(meta["dataset"]), k, suffix, layers, int(params["markdown_tokens"])))
+    tables.write_text(md_out, explanations.markdown(rows, title, str(meta["dataset"]), k, suffix, layers, int(params["markdown_tokens"])))
     print(f"explanations: {k} clusters x top {params['top_n']} tokens -> {csv_out}")
 
 
 def clusters_sweep(
-    representations: Mapping[str, str], stats: str, trees: Mapping[str, str], output: str, params: Mapping[str, Any]
+    representation_files: Mapping[str, str], stats: str, trees: Mapping[str, str], outputs: Mapping[str, str], params: Mapping[str, Any]
 ) -> None:
     """Rule clusters_sweep: mean (over clusters) max and average within-cluster distance for every K of the
-    sweep and every variant (section 6.1, Fig. 2). Single-member clusters have no pairwise distance: they are
-    left out of the means and counted."""
-    out = []
-    for variant, path in representations.items():
-        rep = rp.read(path, stats)
-        tree = cl.load_tree(trees[variant])
-        X = rp.unit_rows(rep.values, inplace=True)
+    sweep and every variant (section 6.1, Fig. 2) -> outputs["summary"]; every cluster's distances at the K
+    values of clustering.k -> outputs["clusters"] (the units of the replication report's intervals).
+    Single-member clusters have no pairwise distance: they are left out of the means and counted."""
+    summary, per_cluster = [], []
+    sweep, clusterings = {int(k) for k in params["ks"]}, {int(k) for k in params.get("cluster_ks", ())}
+    for variant, path in representation_files.items():
+        rep = representations.read(path, stats)
+        tree = clustering.load_tree(trees[variant])
+        X = representations.unit_rows(rep.values, inplace=True)
         del rep.values
-        ks = sorted(int(k) for k in params["ks"] if k <= tree.n_leaves)
-        skipped = sorted(set(params["ks"]) - set(ks))
+        ks = sorted(k for k in sweep | clusterings if k <= tree.n_leaves)
+        skipped = sorted((sweep | clusterings) - set(ks))
         if skipped:
             print(f"{variant}: K={skipped} skipped (more than the {tree.n_leaves} leaves of the tree)")
-        labels = [cl.cut(tree, k) for k in ks]
-        heights = [cl.cluster_heights(tree, k) for k in ks]
+        labels = [clustering.cut(tree, k) for k in ks]
+        heights = [clustering.cluster_heights(tree, k) for k in ks]
         if ks and heights[0] is None:  # not an exact complete-linkage tree: maxima from the members
-            heights = cl.nested_max_distances(X, labels)
+            heights = clustering.nested_max_distances(X, labels)
         for k, lab, h in zip(ks, labels, heights):
-            w = cl.within_cluster_distances(X, lab, h)
+            w = clustering.within_cluster_distances(X, lab, h)
             multi = w["size"] >= 2
-            out.append(
+            if k in clusterings:
+                per_cluster += [
+                    {
+                        "variant": variant,
+                        "k": k,
+                        "cluster": c,
+                        "size": int(w["size"][c]),
+                        "max_distance": float(w["max_distance"][c]),
+                        "avg_distance": float(w["avg_distance"][c]),
+                    }
+                    for c in range(k)
+                ]
+            if k not in sweep:
+                continue
+            summary.append(
                 {
                     "variant": variant,
                     "k": k,
@@ -161,8 +182,10 @@ def clusters_sweep(
                     "method": tree.method,
                 }
             )
-            print(f"{variant} K={k}: mean max {out[-1]['mean_max_distance']:.3f}, mean avg {out[-1]['mean_avg_distance']:.3f}")
-    tables.write_csv(output, out, ["variant", "k", "mean_max_distance", "mean_avg_distance", "clusters_with_2plus", "singletons", "method"])
+            print(f"{variant} K={k}: mean max {summary[-1]['mean_max_distance']:.3f}, mean avg {summary[-1]['mean_avg_distance']:.3f}")
+    columns = ["variant", "k", "mean_max_distance", "mean_avg_distance", "clusters_with_2plus", "singletons", "method"]
+    tables.write_csv(outputs["summary"], summary, columns)
+    tables.write_csv(outputs["clusters"], per_cluster, ["variant", "k", "cluster", "size", "max_distance", "avg_distance"])
 
 
 def clusters_figures(inputs: Mapping[str, str], outputs: Mapping[str, str], params: Mapping[str, Any]) -> None:
@@ -170,7 +193,7 @@ def clusters_figures(inputs: Mapping[str, str], outputs: Mapping[str, str], para
     from neuronatlas.clusters import figures, vectors
 
     who, k = params["label"], int(params["k"])
-    trace = cl.read_parquet(inputs["trace"])
+    trace = clustering.read_parquet(inputs["trace"])
     figures.refinement_curves(
         trace,
         outputs["fig1"],
@@ -181,15 +204,17 @@ def clusters_figures(inputs: Mapping[str, str], outputs: Mapping[str, str], para
     )
     figures.distance_vs_k(tables.read_rows(inputs["sweep"]), outputs["fig2"], f"Within-cluster distance vs K: {who}")
     vec = vectors.load(params["vectors"])
-    groups = embedding_groups(ex.read_csv(inputs["explanations"]), vec, int(params["embedding_tokens"]), int(params["embedding_clusters"]))
+    groups = embedding_groups(
+        explanations.read_csv(inputs["explanations"]), vec, int(params["embedding_tokens"]), int(params["embedding_clusters"])
+    )
     figures.token_embeddings(
         groups,
         outputs["fig3"],
         f"Top-{params['embedding_tokens']} token vectors ({vec.name}, PCA), {len(groups)} most compact clusters: "
         f"{who}, {params['embedding_variant']}, K = {k}",
     )
-    cols = cl.read_parquet(inputs["clusters"])
-    meta = cl.parquet_metadata(inputs["clusters"])
+    cols = clustering.read_parquet(inputs["clusters"])
+    meta = clustering.parquet_metadata(inputs["clusters"])
     sizes = np.bincount(cols["cluster"])
     candidates = np.flatnonzero(sizes >= 3)
     rng = np.random.default_rng(int(params["seed"]))
@@ -198,7 +223,7 @@ def clusters_figures(inputs: Mapping[str, str], outputs: Mapping[str, str], para
         if candidates.size
         else []
     )
-    shared = cl.index_shared(cols["cluster"], cols["index"])
+    shared = clustering.index_shared(cols["cluster"], cols["index"])
     shares = {c: float(shared[cols["cluster"] == c].mean()) for c in pick}
     figures.neuron_positions(
         cols["layer"],
@@ -224,11 +249,11 @@ def embedding_groups(
             by.setdefault(int(r["cluster"]), []).append(r)
     scored = []
     for c, rs in by.items():
-        keys = [rp.vector_key(r["text"], r["token"]) for r in rs]
+        keys = [representations.vector_key(r["text"], r["token"]) for r in rs]
         mat, found = vec.lookup(keys)
         if found.sum() < min_vectors:
             continue
-        V = rp.unit_rows(mat[found])
+        V = representations.unit_rows(mat[found])
         m = V.shape[0]
         s = V.sum(axis=0)
         mean_dist = 1.0 - (float(s @ s) - m) / (m * (m - 1))
@@ -245,23 +270,23 @@ def clusters_bootstrap(
 
     rng = np.random.default_rng(int(params["seed"]))
     man = read_json(manifest)
-    ref = {int(k): cl.read_parquet(p) for k, p in references.items()}
+    ref = {int(k): clustering.read_parquet(p) for k, p in references.items()}
     out = []
     vec = vectors.load(params["representation"]["vectors"]) if params["variant"] == "smooth" else None
     for b in range(int(params["replicates"])):
         pick = sorted(int(i) for i in rng.integers(0, len(shards), size=len(shards)))
-        rep = rp.raw_from_store([shards[i] for i in pick], man, progress=False, site=site)
+        rep = representations.raw_from_store([shards[i] for i in pick], man, progress=False, site=site)
         if params["variant"] != "raw":
-            rep = rp.frequency_filter(rep, int(params["min_count"]))
+            rep = representations.frequency_filter(rep, int(params["min_count"]))
         if params["variant"] == "tfidf":
-            rep = rp.tfidf_representation(rep, params["representation"]["negative"])
+            rep = representations.tfidf_representation(rep, params["representation"]["negative"])
         elif params["variant"] == "smooth":
             r = params["representation"]
-            rep = rp.smooth_representation(rep, vec, int(r["neighbors"]), float(r["lambda"]))
+            rep = representations.smooth_representation(rep, vec, int(r["neighbors"]), float(r["lambda"]))
         tp = params["tree"]
-        method = cl.resolve_method(tp["method"], rep.n_neurons, int(tp.get("exact_max_neurons", rep.n_neurons)))
+        method = clustering.resolve_method(tp["method"], rep.n_neurons, int(tp.get("exact_max_neurons", rep.n_neurons)))
         c = tp.get("centroids") or {}
-        tree = cl.build_tree(
+        tree = clustering.build_tree(
             rep.values,
             method,
             tp["linkage"],
@@ -275,7 +300,7 @@ def clusters_bootstrap(
         for k, cols in ref.items():
             labels_ref = np.empty(rep.n_neurons, np.int64)
             labels_ref[cols["neuron_id"]] = cols["cluster"]
-            ari = cl.adjusted_rand_index(labels_ref, cl.cut(tree, k))
+            ari = clustering.adjusted_rand_index(labels_ref, clustering.cut(tree, k))
             out.append({"replicate": b, "shards": " ".join(names), "k": k, "ari": ari, "tokens": len(rep.tokens)})
             print(f"replicate {b} ({' '.join(names)}): K={k} ARI {ari:.3f}")
     tables.write_csv(output, out, ["replicate", "shards", "k", "ari", "tokens"])
@@ -287,11 +312,14 @@ def clusters_tables(inputs: Mapping[str, Any], outputs: Mapping[str, str], param
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in CAPTIONS}
     for triple in params["triples"]:
         key = "/".join(triple[part] for part in ("model", "dataset", "site"))
-        reps = {v: rp.read(inputs["representations"][key][v], values=False) for v in params["variants"]}
+        reps = {v: representations.read(inputs["representations"][key][v], values=False) for v in params["variants"]}
         vocab = int(read_json(inputs["manifests"][triple["model"]])["vocab_size"])
         rows["tokens"].append(_token_row(triple, reps, vocab))
         clusterings = {
-            (v, k): (cl.read_parquet(inputs["clusters"][key][v][str(k)]), cl.read_parquet(inputs["refined"][key][v][str(k)]))
+            (v, k): (
+                clustering.read_parquet(inputs["clusters"][key][v][str(k)]),
+                clustering.read_parquet(inputs["refined"][key][v][str(k)]),
+            )
             for v in params["variants"]
             for k in params["ks"]
         }
@@ -319,7 +347,7 @@ CAPTIONS = {
 }
 
 
-def _token_row(triple: Mapping[str, str], reps: Mapping[str, rp.Representation], vocab: int) -> dict[str, Any]:
+def _token_row(triple: Mapping[str, str], reps: Mapping[str, representations.Representation], vocab: int) -> dict[str, Any]:
     """Tokens kept by each variant of one (model, dataset, site)."""
     base = reps.get("raw") or next(iter(reps.values()))
     row: dict[str, Any] = {**triple, "neurons": base.n_neurons}
@@ -345,7 +373,7 @@ def _index_rows(
     k: int,
     full: Mapping[str, np.ndarray],
     refined: Mapping[str, np.ndarray],
-    base: rp.Representation,
+    base: representations.Representation,
     n_random: int,
     seed: int,
 ) -> list[dict[str, Any]]:
@@ -353,7 +381,7 @@ def _index_rows(
     all_index = np.tile(np.arange(base.width, dtype=np.int64), base.n_layers)
     out = []
     for is_refined, cols in ((False, full), (True, refined)):
-        found = cl.index_clustering(cols["cluster"], cols["index"], base.n_neurons, all_index, n_random, seed)
+        found = clustering.index_clustering(cols["cluster"], cols["index"], base.n_neurons, all_index, n_random, seed)
         out.append(
             {
                 **triple,
@@ -390,7 +418,7 @@ def _stability_rows(
     for k in params["ks"]:
         for i, a in enumerate(params["variants"]):
             for b in params["variants"][i + 1 :]:
-                ari = cl.adjusted_rand_index(clusterings[(a, k)][0]["cluster"], clusterings[(b, k)][0]["cluster"])
+                ari = clustering.adjusted_rand_index(clusterings[(a, k)][0]["cluster"], clusterings[(b, k)][0]["cluster"])
                 out.append({**triple, "k": k, "comparison": f"{a} vs {b}", "ari": round(ari, 4), "n": 1})
     return out
 

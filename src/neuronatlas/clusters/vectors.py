@@ -200,12 +200,12 @@ class FastTextVectors(WordVectors):
         return out, found
 
 
-# Vectors the workflow downloads itself (rule fetch_word_vectors): config name -> gzipped fastText .bin URL.
+# Vectors the workflow downloads itself (rule clusters_fetch_vectors): config name -> gzipped fastText .bin URL.
 DOWNLOADS = {"fasttext-cc-en-300": "https://dl.fbaipublicfiles.com/fasttext/vectors-crawl/cc.en.300.bin.gz"}
 
 
 def download_path(results_dir: str, name: str) -> str:
-    """Where rule fetch_word_vectors writes the downloadable vectors `name`."""
+    """Where rule clusters_fetch_vectors writes the downloadable vectors `name`."""
     return f"{results_dir}/vectors/{name}.bin"
 
 

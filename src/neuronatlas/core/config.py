@@ -297,7 +297,8 @@ def model_params(config: Mapping[str, Any], model: str) -> dict[str, Any]:
     spec = dict(config["models"][model])
     out = {k: spec[k] for k in ("source", "id", "revision", "path", "name", "config", "init_from", "tokenizer", "family")}
     out["model"] = model
-    out["seed"] = config["seed"]
+    # the seed draws a random model's weights (a trained model's are drawn by its training); the others ignore it
+    out["seed"] = config["seed"] if spec["source"] in ("random", "train") else None
     if spec["source"] == "train":
         # only for trained models: keeps the params (and so the jobs) of every other model unchanged
         out["train"] = spec["train"]

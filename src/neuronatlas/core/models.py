@@ -213,7 +213,7 @@ def prepare(
 ) -> dict[str, Any]:
     """Resolve / materialise a model and write `out_dir/manifest.json` describing how to load it.
 
-    `source: train` models point at `trained_dir`, the HF folder the workflow's train_model rule wrote.
+    `source: train` models point at `trained_dir`, the HF folder the workflow's modularity_train rule wrote.
     """
     out_dir = Path(out_dir)
     name, src = params["model"], params["source"]
@@ -239,12 +239,12 @@ def prepare(
         info["origin"] = f"local {load_path}"
     elif src == "train":
         if trained_dir is None or not (Path(trained_dir) / "config.json").exists():
-            raise NeuronAtlasError(f"models.{name}: source train needs the folder written by rule train_model (got {trained_dir})")
+            raise NeuronAtlasError(f"models.{name}: source train needs the folder written by rule modularity_train (got {trained_dir})")
         load_path = Path(trained_dir).resolve()
         training = read_json(load_path / "training.json") if (load_path / "training.json").exists() else {}
         info["training"] = {k: training.get(k) for k in ("dataset", "eval_dataset", "epochs", "test_accuracy", "train_seconds")}
         info["origin"] = (
-            f"trained by the workflow (rule train_model) on {training.get('dataset')}; "
+            f"trained by the workflow (rule modularity_train) on {training.get('dataset')}; "
             f"test accuracy {training.get('test_accuracy')} on {training.get('eval_dataset')}"
         )
     elif src == "random":

@@ -51,3 +51,12 @@ def job_files(results: str, rule: str, name: str) -> dict[str, str]:
 def figure(results: str, method: str, name: str) -> str:
     """A figure (`name` includes the extension)."""
     return f"{results}/figures/{method}/{name}"
+
+
+def every_path(nested: object) -> list[str]:
+    """Every path of a nested mapping (or list) of paths, in order."""
+    if isinstance(nested, dict):
+        return [p for value in nested.values() for p in every_path(value)]
+    if isinstance(nested, (list, tuple)):
+        return [p for value in nested for p in every_path(value)]
+    return [str(nested)]

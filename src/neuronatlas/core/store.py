@@ -400,7 +400,20 @@ def open_store(path: str | Path, site: str | None = None) -> Store:
 # ----------------------------------------------------------------------------- merging
 
 
-_SAME = ("model", "site", "n_layers", "width", "top_k", "has_token_stats")
+# what must match for stores to merge: the same neurons of the same model, tokenizer and extraction settings, on
+# the same dataset (a store missing an attribute, e.g. written by hand in a test, matches only stores missing it too)
+_SAME = (
+    "model",
+    "site",
+    "dataset",
+    "n_layers",
+    "width",
+    "top_k",
+    "has_token_stats",
+    "model_revision",
+    "model_params_hash",
+    "extraction_hash",
+)
 
 
 def merge(
@@ -513,38 +526,64 @@ def merge_labels(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def compare(a: str | Path, b: str | Path, rtol: float = 1e-6, atol: float = 1e-6, site: str | None = None) -> list[str]:
-    """Differences between two stores' statistics (empty list = equal within tolerance)."""
-    out: list[str] = []
+# attributes that describe the statistics themselves (not where or when they were computed)
+COMPARED_ATTRS = (
+    "site",
+    "n_layers",
+    "width",
+    "top_k",
+    "has_token_stats",
+    "has_label_stats",
+    "n_tokens",
+    "n_content_tokens",
+    "n_examples",
+    "n_documents",
+    "shards",
+)
+
+
+def compare(
+    a: str | Path,
+    b: str | Path,
+    rtol: float = 1e-6,
+    atol: float = 1e-6,
+    site: str | None = None,
+    attributes: Sequence[str] = COMPARED_ATTRS,
+) -> list[str]:
+    """Differences between two stores' statistics and `attributes` (empty list = equal within tolerance)."""
     with open_store(a, site) as sa, open_store(b, site) as sb:
+        out = [
+            f"attribute {key} differs: {sa.attrs.get(key)!r} vs {sb.attrs.get(key)!r}"
+            for key in attributes
+            if sa.attrs.get(key) != sb.attrs.get(key)
+        ]
         if sa.shape != sb.shape or sa.top_k != sb.top_k:
-            return [f"shape/top_k differ: {sa.shape}/{sa.top_k} vs {sb.shape}/{sb.top_k}"]
+            return [*out, f"shape/top_k differ: {sa.shape}/{sa.top_k} vs {sb.shape}/{sb.top_k}"]
         if not np.array_equal(sa.token_ids(), sb.token_ids()):
-            return ["token_ids differ"]
+            return [*out, "token_ids differ"]
         if not np.array_equal(sa.token_count(), sb.token_count()):
             out.append("token_count differs")
-        if sa.has_token_stats and sb.has_token_stats:
-            for layer in range(sa.shape[0]):
-                if not np.allclose(sa.token_sum_layer(layer), sb.token_sum_layer(layer), rtol=rtol, atol=atol):
-                    out.append(f"token_sum layer {layer} differs")
-        for n in NEURON_FIELDS:
-            if not np.allclose(sa.neuron(n), sb.neuron(n), rtol=rtol, atol=atol):
-                out.append(f"neuron/{n} differs")
+        if sa.has_token_stats != sb.has_token_stats:
+            out.append("has_token_stats differs: only one store has token_sum")
+        elif sa.has_token_stats:
+            out += [
+                f"token_sum layer {layer} differs"
+                for layer in range(sa.shape[0])
+                if not np.allclose(sa.token_sum_layer(layer), sb.token_sum_layer(layer), rtol=rtol, atol=atol)
+            ]
+        out += [f"neuron/{n} differs" for n in NEURON_FIELDS if not np.allclose(sa.neuron(n), sb.neuron(n), rtol=rtol, atol=atol)]
         if sa.has_label_stats != sb.has_label_stats:
             out.append("has_label_stats differs")
+        elif sa.has_label_stats and sa.labels() != sb.labels():
+            out.append("label names differ")
         elif sa.has_label_stats:
-            if sa.labels() != sb.labels():
-                out.append("label names differ")
-            else:
-                for n in NEURON_FIELDS:
-                    if not np.allclose(sa.label_neuron(n), sb.label_neuron(n), rtol=rtol, atol=atol):
-                        out.append(f"label/{n} differs")
+            out += [
+                f"label/{n} differs" for n in NEURON_FIELDS if not np.allclose(sa.label_neuron(n), sb.label_neuron(n), rtol=rtol, atol=atol)
+            ]
         ta, tb = sa.topk(), sb.topk()
         if not np.allclose(ta["activation"], tb["activation"], rtol=rtol, atol=atol):
             out.append("topk/activation differs")
-        for n in ("doc_id", "position", "start"):
-            if not np.array_equal(ta[n], tb[n]):
-                out.append(f"topk/{n} differs")
+        out += [f"topk/{n} differs" for n in ("doc_id", "position", "start") if not np.array_equal(ta[n], tb[n])]
     return out
 
 

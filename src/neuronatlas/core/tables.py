@@ -1,7 +1,9 @@
 """The one table writer: CSV and markdown tables (and text files) of every stage, written atomically.
 
 A table is a pandas DataFrame or a sequence of dict rows. CSVs keep full float precision (pandas'
-shortest round-trip repr); markdown formats floats for reading and leaves NaN cells empty.
+shortest round-trip repr) and end lines with CRLF as RFC 4180 says: Python's csv writer quotes a field only
+when it holds a character of the line terminator, and tokens such as a lone "\r" must be quoted to survive.
+Markdown formats floats for reading and leaves NaN cells empty.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def write_csv(path: str | Path, table: Table, columns: Sequence[str] | None = No
     """Write a table as CSV atomically; returns the DataFrame written."""
     data = frame(table, columns)
     with atomic_path(path, suffix=".csv") as tmp:
-        data.to_csv(tmp, index=index)
+        data.to_csv(tmp, index=index, lineterminator="\r\n")
     return data
 
 

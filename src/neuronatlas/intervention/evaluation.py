@@ -8,7 +8,7 @@ neurons ablated, and three random baselines over R seeds:
 - ``random_layer``: the same number of neurons in each layer as the cluster;
 - ``random_position``: random index positions ablated across all layers (whole "columns" of the site),
   ceil(n / L) positions, the last one only in a random subset of layers, so that exactly n neurons are
-  ablated (docs/methods/ablation.md states this reading of the paper);
+  ablated (docs/methods/intervention.md states this reading of the paper);
 - ``random_position_perm`` (optional, not in the paper's table): the cluster's own (layer, index) pattern
   with its indices relabelled by a random permutation of 0..W-1.
 

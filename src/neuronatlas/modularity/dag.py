@@ -85,6 +85,14 @@ def lorenz_inputs(config: Mapping[str, Any], results: str, exp: str) -> dict[str
     return out
 
 
+def claim_inputs(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What the replication report reads of this method: the Lorenz table of every experiment with MoE clusters."""
+    results = config["results_dir"]
+    return {
+        "experiments": {exp: {"lorenz": f"{results}/modularity/{exp}/lorenz.csv"} for exp, e in experiments(config).items() if e["moe"]}
+    }
+
+
 def targets(config: Mapping[str, Any], results: str) -> list[str]:
     """Final outputs of the stage: effect heatmaps per drop, overlap and Lorenz figures, trained models' manifests."""
     out = []

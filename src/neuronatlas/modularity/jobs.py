@@ -85,7 +85,7 @@ def modularity_prune(
     """Rule modularity_prune: bisection to the target drop for every task, then the effect matrix; CSV, markdown, figures."""
     from neuronatlas.core.ablation import ablation_values
     from neuronatlas.core.models import load
-    from neuronatlas.modularity import figures as plots
+    from neuronatlas.modularity import figures
 
     sf = read_scores(scores_h5)
     lm = load(manifest, params["device"], params["dtype"], params["threads"], head=True)
@@ -123,8 +123,8 @@ def modularity_prune(
         )
     )
     tables.write_text(out["table_md"], md)
-    plots.effect_heatmap(wide, out["figure"], title, params["drop"])
-    plots.search_plot(points, out["search_figure"], 1 - params["drop"], f"{title}: search")
+    figures.effect_heatmap(wide, out["figure"], title, params["drop"])
+    figures.search_plot(points, out["search_figure"], 1 - params["drop"], f"{title}: search")
     log_to_stderr(f"{ev.forwards} forward passes in {time.perf_counter() - t0:.1f}s")
     return search
 
@@ -133,7 +133,7 @@ def modularity_overlap(
     params: Mapping[str, Any], scores: Mapping[str, str], search_csv: str | None, out: Mapping[str, str]
 ) -> pd.DataFrame:
     """Rule modularity_overlap: overlaps of the task selections, trained vs random model (Figs. 3-5)."""
-    from neuronatlas.modularity import figures as plots
+    from neuronatlas.modularity import figures
 
     files = {role: read_scores(path) for role, path in scores.items()}
     trained = files["trained"]
@@ -170,8 +170,8 @@ def modularity_overlap(
         )
     tables.write_text(out["md"], "".join(md))
     roles = {f"{role} ({params['models'][role]})": m for role, m in mats.items()}
-    plots.overlap_heatmaps(names, roles, out["figure"], f"{params['experiment']}: overlap of selected neurons")
-    plots.sorted_overlap_plot(srt, out["sorted_figure"], f"{params['experiment']}: sorted pairwise overlaps")
+    figures.overlap_heatmaps(names, roles, out["figure"], f"{params['experiment']}: overlap of selected neurons")
+    figures.sorted_overlap_plot(srt, out["sorted_figure"], f"{params['experiment']}: sorted pairwise overlaps")
     return long
 
 
@@ -192,8 +192,7 @@ def modularity_lorenz(
     params: Mapping[str, Any], scores: Mapping[str, str], clusters: Mapping[str, str], search_csv: str | None, out: Mapping[str, str]
 ) -> pd.DataFrame:
     """Rule modularity_lorenz: Lorenz AUC per layer of each task's per-layer selection across MoE clusters (Fig. 6)."""
-    from neuronatlas.modularity import figures as plots
-    from neuronatlas.modularity import moe
+    from neuronatlas.modularity import figures, moe
 
     files = {role: read_scores(p) for role, p in scores.items()}
     tasks = files["trained"].tasks
@@ -220,12 +219,12 @@ def modularity_lorenz(
     null = table[table["model"] == "trained"].groupby("layer")["auc_null"].mean()
     lines.append(tables.markdown(mean.assign(auc_null=null), index=True, float_format="{:.3f}"))
     tables.write_text(out["md"], "".join(lines))
-    plots.auc_by_layer(table, out["figure"], f"{params['experiment']}: Lorenz AUC by layer (top {100 * fraction:.1f}% per layer)")
+    figures.auc_by_layer(table, out["figure"], f"{params['experiment']}: Lorenz AUC by layer (top {100 * fraction:.1f}% per layer)")
     t0 = tasks[0]
     counts = {}
     for role, sf in files.items():
         sel = moe.select_per_layer(sf.scores[sf.index(t0.key)], fraction)
         k = int(clus[role].max()) + 1
         counts[f"{role} ({params['models'][role]})"] = moe.bin_counts(clus[role][0], sel[0], k)
-    plots.lorenz_curves(counts, out["curve_figure"], f"{params['experiment']}: layer 0, task {t0.name}")
+    figures.lorenz_curves(counts, out["curve_figure"], f"{params['experiment']}: layer 0, task {t0.name}")
     return table

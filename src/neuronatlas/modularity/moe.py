@@ -1,7 +1,7 @@
 """MoEfication (balanced k-means of MLP input weights) and the Lorenz-curve AUC of selected neurons.
 
 Pochinkov et al., "Modularity in Transformers", §2.3.2 and §4.2 / Fig. 6; method page:
-docs/methods/moefication.md.
+docs/methods/modularity.md.
 
 **MoEfication.** Per layer, the W_in rows (one per MLP neuron; `adapters.input_weight_rows`, which for
 gated MLPs — LLaMA/Mistral/Gemma, ``act(gate x) * up x`` — returns the *gate* rows, the ones that decide

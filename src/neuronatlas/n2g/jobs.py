@@ -177,17 +177,17 @@ def n2g_feature_clusters(
     params: Mapping[str, Any],
 ) -> None:
     """Rule n2g_feature_clusters: embed and cluster each sampled neuron's top examples, Table 1 and a dendrogram."""
-    from neuronatlas.n2g import feature_clusters as fc
+    from neuronatlas.n2g import feature_clusters
     from neuronatlas.n2g.figures import dendrogram_figure
 
     cfg = params["feature_clusters"]
-    settings = fc.ClusterSettings.from_config(cfg)
+    settings = feature_clusters.ClusterSettings.from_config(cfg)
     lm, st = _open_inputs(manifest, stats, params)
     with st:
         topk = {layer: st.topk(layer) for layer in layers}
         maxes = {layer: st.neuron("max")[layer] for layer in layers}
     docs = _docs(lm, shards_dir, params["dataset"], params["max_length"], with_eval=False)
-    rows, ex_rows, result, info = fc.run(lm, topk, maxes, docs, settings, cfg["neurons_per_layer"], params["seed"])
+    rows, ex_rows, result, info = feature_clusters.run(lm, topk, maxes, docs, settings, cfg["neurons_per_layer"], params["seed"])
     print(
         f"feature clusters: {len(rows)} neurons, {info['forward_tokens']} tokens through the model, "
         f"{info['seconds']:.1f}s; weight {info['weight']}; max key-activation error {info['max_rel_error_key_activation']:.2e}"
@@ -199,7 +199,7 @@ def n2g_feature_clusters(
     frame["weight"] = info["weight"]
     tables.write_csv(out_neurons, frame)
     tables.write_csv(out_examples, pd.DataFrame(ex_rows))
-    table = fc.summary_table(rows)
+    table = feature_clusters.summary_table(rows)
     tab = pd.DataFrame(table)
     tab.insert(0, "dataset", dataset)
     tab.insert(0, "model", model)
@@ -212,13 +212,13 @@ def n2g_feature_clusters(
         f"Model {model} ({lm.manifest['origin']}), dataset {dataset}; {cut}; neuron embedding = pre-MLP embedding ⊙ "
         f"{'the ' + info['weight'] + ' projection row (gated MLP)' if info['gated'] else 'the W_in row'}."
     )
-    tables.write_text(out_md, fc.summary_markdown(table, f"Feature clustering: {model} on {dataset} (site mlp)", note))
-    pick = fc.pick_figure_neuron(rows, cfg["figure_neuron"])
+    tables.write_text(out_md, feature_clusters.summary_markdown(table, f"Feature clustering: {model} on {dataset} (site mlp)", note))
+    pick = feature_clusters.pick_figure_neuron(rows, cfg["figure_neuron"])
     if pick is None:
         raise NeuronAtlasError("no sampled neuron has examples to draw")
     nc = result[pick]
     a_max = float(maxes[pick[0]][pick[1]])
-    contexts = fc.figure_contexts(lm, nc, a_max, batch_tokens=settings.batch_tokens)
+    contexts = feature_clusters.figure_contexts(lm, nc, a_max, batch_tokens=settings.batch_tokens)
     dendrogram_figure(
         nc.Z["neuron"],
         nc.labels["neuron"].tolist(),

@@ -226,6 +226,14 @@ def tables_inputs(config: Mapping[str, Any], results: str, model: str) -> dict[s
     return out
 
 
+def claim_inputs(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What the replication report reads of this method: each model's single-neuron results."""
+    if not config[SECTION]["single"]["enabled"]:
+        return {}
+    results = config["results_dir"]
+    return {"single": {m: f"{model_dir(results, m)}/single/neurons.csv" for m in models(config)}}
+
+
 def has_tables(config: Mapping[str, Any]) -> bool:
     """Whether any experiment is enabled (otherwise there is nothing to tabulate)."""
     sec = config[SECTION]

@@ -19,21 +19,21 @@ from neuronatlas.textualization.dag import SCAN_TOP
 from neuronatlas.textualization.paper_tables import closest_label
 
 if TYPE_CHECKING:  # the method module imports torch: only inside the job functions
-    from neuronatlas.textualization import optimization as tz
+    from neuronatlas.textualization import optimization
 
 
 def _load(params: Mapping[str, Any], manifest: str):
     from neuronatlas.core.models import load
-    from neuronatlas.textualization import optimization as tz
+    from neuronatlas.textualization import optimization
 
     lm = load(manifest, params["device"], "float32", params["threads"])  # gradient ascent at lr 100 needs float32
-    return tz.Textualizer(lm, params.get("site", "ffn_out"), params.get("length", 1))
+    return optimization.Textualizer(lm, params.get("site", "ffn_out"), params.get("length", 1))
 
 
-def _vocab(tx: tz.Textualizer) -> pd.DataFrame:
-    from neuronatlas.textualization import optimization as tz
+def _vocab(tx: optimization.Textualizer) -> pd.DataFrame:
+    from neuronatlas.textualization import optimization
 
-    return tz.vocabulary_table(tx.lm.tokenizer, tx.lm.manifest.get("special_ids", []))
+    return optimization.vocabulary_table(tx.lm.tokenizer, tx.lm.manifest.get("special_ids", []))
 
 
 def _write_h5(path: str, arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any]) -> None:
@@ -49,15 +49,15 @@ def _write_h5(path: str, arrays: Mapping[str, np.ndarray], attrs: Mapping[str, A
                 f.attrs[k] = v if isinstance(v, (int, float, str, bool, np.integer, np.floating)) else str(v)
 
 
-def read_scan(path: str) -> tz.WordScan:
+def read_scan(path: str) -> optimization.WordScan:
     """Read a word_scan.h5 written by the scan job."""
     import h5py
 
-    from neuronatlas.textualization import optimization as tz
+    from neuronatlas.textualization import optimization
 
     try:
         with h5py.File(path, "r") as f:
-            return tz.WordScan(f["top_ids"][()], f["top_act"][()], f["candidates"][()])
+            return optimization.WordScan(f["top_ids"][()], f["top_act"][()], f["candidates"][()])
     except (OSError, KeyError) as exc:
         raise NeuronAtlasError(f"vocabulary scan {path} is unreadable or incomplete ({exc}); delete it and re-run the workflow") from exc
 
@@ -69,14 +69,14 @@ def textualization_scan(manifest: str, output: str, params: Mapping[str, Any]) -
     """Rule textualization_scan: brute force over the candidate vocabulary, each neuron's top words."""
     import torch
 
-    from neuronatlas.textualization import optimization as tz
+    from neuronatlas.textualization import optimization
 
     tx = _load(params, manifest)
     vocab = _vocab(tx)
-    ids = tz.candidate_ids(vocab, params["exclude_non_latin"])
+    ids = optimization.candidate_ids(vocab, params["exclude_non_latin"])
     print(f"scanning {len(ids)} of {len(vocab)} vocabulary items ({tx.n_layers} layers x {tx.width} {tx.site} neurons)", flush=True)
     with torch.no_grad():
-        scan = tz.scan_vocabulary(tx, ids, SCAN_TOP, params["scan_batch"])
+        scan = optimization.scan_vocabulary(tx, ids, SCAN_TOP, params["scan_batch"])
     _write_h5(
         output,
         {"top_ids": scan.top_ids, "top_act": scan.top_act, "candidates": scan.candidates},
@@ -92,7 +92,7 @@ def textualization_scan(manifest: str, output: str, params: Mapping[str, Any]) -
 
 
 def _frequencies(tokenizer: Any, vocab_size: int, params: Mapping[str, Any], inputs: Sequence[str]) -> np.ndarray | None:
-    from neuronatlas.textualization import optimization as tz
+    from neuronatlas.textualization import optimization
 
     src = params["frequency_source"]
     if src == "none":
@@ -103,7 +103,7 @@ def _frequencies(tokenizer: Any, vocab_size: int, params: Mapping[str, Any], inp
         texts: list[str] = []
         for i in params["frequency_shards"]:
             texts.extend(read_shard(Path(inputs[0]) / f"shard-{i}.parquet")["text"].tolist())
-        return tz.token_frequencies(tokenizer, texts, vocab_size)
+        return optimization.token_frequencies(tokenizer, texts, vocab_size)
     from neuronatlas.core.store import open_store
 
     counts = np.zeros(vocab_size, dtype=np.int64)
@@ -118,13 +118,13 @@ def textualization_targets(manifest: str, freq_inputs: Sequence[str], output: st
     """Rule textualization_targets: the seeded target words (frequent + random), written out."""
     from neuronatlas.core.io import read_json
     from neuronatlas.core.models import _load_tokenizer
-    from neuronatlas.textualization import optimization as tz
+    from neuronatlas.textualization import optimization
 
     man = read_json(manifest)
     tok = _load_tokenizer(man["tokenizer_path"])
-    vocab = tz.vocabulary_table(tok, man.get("special_ids", []))
+    vocab = optimization.vocabulary_table(tok, man.get("special_ids", []))
     counts = _frequencies(tok, len(vocab), params, freq_inputs)
-    frame = tz.choose_targets(vocab, counts, params["n_random"], params["n_frequent"], params["seed"], params["exclude_subwords"])
+    frame = optimization.choose_targets(vocab, counts, params["n_random"], params["n_frequent"], params["seed"], params["exclude_subwords"])
     tables.write_csv(output, frame)
     print(f"{len(frame)} target words: {', '.join(frame['token'].head(12))} ...")
     return frame
@@ -138,18 +138,20 @@ def textualization_single(manifest: str, scan_path: str, outputs: Mapping[str, s
     """Rule textualization_single: optimise one input per sampled neuron; compare with the most activating word."""
     import torch
 
-    from neuronatlas.textualization import optimization as tz
+    from neuronatlas.textualization import optimization
 
     tx = _load(params, manifest)
     scan = read_scan(scan_path)
     vocab = _vocab(tx)
-    neurons = tz.sample_neurons(tx.n_layers, tx.width, params["fraction"], params["seed"], params["shared_indices"])
+    neurons = optimization.sample_neurons(tx.n_layers, tx.width, params["fraction"], params["seed"], params["shared_indices"])
     layers = np.array([layer for layer, _ in neurons])
     index = np.array([i for _, i in neurons])
     flat = layers * tx.width + index
-    targets = tz.Targets.singles(layers, index)
+    targets = optimization.Targets.singles(layers, index)
     print(f"optimising {len(neurons)} neurons ({len(neurons) // tx.n_layers} per layer) for {params['steps']} steps", flush=True)
-    res = tz.maximise(tx, targets, tz.row_seeds(params["seed"], 1, flat), progress=True, desc="single neurons", **_ascent_kwargs(params))
+    res = optimization.maximise(
+        tx, targets, optimization.row_seeds(params["seed"], 1, flat), progress=True, desc="single neurons", **_ascent_kwargs(params)
+    )
 
     space = params["compare_space"]
     cand = scan.candidates
@@ -157,11 +159,11 @@ def textualization_single(manifest: str, scan_path: str, outputs: Mapping[str, s
     with torch.no_grad():
         oi = tx.compare_vectors(static, space)
         words = tx.word_vectors(cand, space)
-        top_ids, top_cos = tz.closest_words(oi, words, cand, 3)
+        top_ids, top_cos = optimization.closest_words(oi, words, cand, 3)
         best = scan.argmax[layers, index]
         best_vec = tx.word_vectors(best, space)
-        _, best_self = tz.closest_words(best_vec, words, cand, 1)
-        best_rank = tz.rank_of(oi, words, cand, best)
+        _, best_self = optimization.closest_words(best_vec, words, cand, 1)
+        best_rank = optimization.rank_of(oi, words, cand, best)
     tok = vocab["token"].to_numpy()
     frame = pd.DataFrame(
         {
@@ -206,7 +208,9 @@ def textualization_single(manifest: str, scan_path: str, outputs: Mapping[str, s
     return frame
 
 
-def _write_pca(path: str, tx: tz.Textualizer, vocab: pd.DataFrame, oi: Any, layers: np.ndarray, flat: np.ndarray, space: str) -> None:
+def _write_pca(
+    path: str, tx: optimization.Textualizer, vocab: pd.DataFrame, oi: Any, layers: np.ndarray, flat: np.ndarray, space: str
+) -> None:
     """PCA (2 components) of the optimised inputs together with every non-special vocabulary item (Fig. 5)."""
     import torch
 
@@ -240,7 +244,7 @@ def textualization_group(
     """Rule textualization_group: per selection and target word, the top-k neurons and one input maximising their mean."""
     import torch
 
-    from neuronatlas.textualization import optimization as tz
+    from neuronatlas.textualization import optimization
 
     tx = _load(params, manifest)
     scan = read_scan(scan_path)
@@ -248,12 +252,12 @@ def textualization_group(
     tok = vocab["token"].to_numpy()
     words = pd.read_csv(targets_path, keep_default_na=False)
     tid = words["token_id"].to_numpy(np.int64)
-    a_words = tz.word_activations(tx, tid).reshape(len(tid), -1)  # (n, L*W)
+    a_words = optimization.word_activations(tx, tid).reshape(len(tid), -1)  # (n, L*W)
     a_max = scan.max_act.reshape(-1)
     groups, meta, members = [], [], []
     for s_i, sel in enumerate(params["selections"]):
         for w_i, t in enumerate(tid):
-            ids = tz.select_group(a_words[w_i], a_max, int(k), sel)
+            ids = optimization.select_group(a_words[w_i], a_max, int(k), sel)
             groups.append([(int(i) // tx.width, int(i) % tx.width) for i in ids])
             meta.append((sel, int(t), w_i, s_i))
             score = a_words[w_i, ids] if sel == "absolute" else a_words[w_i, ids] / a_max[ids]
@@ -270,10 +274,10 @@ def textualization_group(
                 }
                 for r, (i, sc) in enumerate(zip(ids, score))
             )
-    targets = tz.Targets.groups(groups)
-    seeds = tz.row_seeds(params["seed"], 2, [int(k) * 10**7 + s_i * 10**6 + t for _, t, _, s_i in meta])
+    targets = optimization.Targets.groups(groups)
+    seeds = optimization.row_seeds(params["seed"], 2, [int(k) * 10**7 + s_i * 10**6 + t for _, t, _, s_i in meta])
     print(f"optimising {len(groups)} groups of k={k} ({', '.join(params['selections'])}) for {params['steps']} steps", flush=True)
-    res = tz.maximise(tx, targets, seeds, progress=True, desc=f"groups k={k}", **_ascent_kwargs(params))
+    res = optimization.maximise(tx, targets, seeds, progress=True, desc=f"groups k={k}", **_ascent_kwargs(params))
 
     space = params["compare_space"]
     cand = scan.candidates
@@ -282,10 +286,10 @@ def textualization_group(
         oi = tx.compare_vectors(torch.from_numpy(res.static).to(tx.device), space)
         wv = tx.word_vectors(cand, space)
         n_show = max(params["n_closest"], 1)
-        top_ids, top_cos = tz.closest_words(oi, wv, cand, n_show)
+        top_ids, top_cos = optimization.closest_words(oi, wv, cand, n_show)
         tv = tx.word_vectors(row_t, space)
         cos_t = torch.nn.functional.cosine_similarity(oi.float(), tv.float(), dim=-1).cpu().numpy()
-        ranks = tz.rank_of(oi, wv, cand, row_t)
+        ranks = optimization.rank_of(oi, wv, cand, row_t)
     act_target = np.array([a_words[w_i, [layer * tx.width + i for layer, i in g]].mean() for (_, _, w_i, _), g in zip(meta, groups)])
     frame = pd.DataFrame(
         {
@@ -342,7 +346,7 @@ def textualization_group(
 
 def textualization_tables(inputs: Mapping[str, Any], outputs: Mapping[str, str], params: Mapping[str, Any]) -> None:
     """Rule textualization_tables: Tables 1–5 (CSV + markdown) and Figs. 2–5 of one model."""
-    from neuronatlas.textualization import figures as tplot
+    from neuronatlas.textualization import figures
     from neuronatlas.textualization.paper_tables import group_tables, single_tables
 
     model = params["model"]
@@ -370,11 +374,11 @@ def textualization_tables(inputs: Mapping[str, Any], outputs: Mapping[str, str],
         )
         pca = pd.read_parquet(inputs["pca"])
         hist = _history(inputs["optimized"])
-        tplot.activation_strength(neurons, outputs["fig2_activation"], model)
-        tplot.activation_per_layer(neurons, tabs["trends"], outputs["fig3_activation_per_layer"], model)
-        tplot.cosine_per_layer(neurons, tabs["trends"], outputs["fig4_cosine_per_layer"], model)
-        tplot.pca(pca, outputs["fig5_pca"], model)
-        tplot.convergence(hist, neurons, outputs["convergence"], model)
+        figures.activation_strength(neurons, outputs["fig2_activation"], model)
+        figures.activation_per_layer(neurons, tabs["trends"], outputs["fig3_activation_per_layer"], model)
+        figures.cosine_per_layer(neurons, tabs["trends"], outputs["fig4_cosine_per_layer"], model)
+        figures.pca(pca, outputs["fig5_pca"], model)
+        figures.convergence(hist, neurons, outputs["convergence"], model)
     if inputs.get("groups"):
         groups = pd.concat([pd.read_csv(p, keep_default_na=False) for p in inputs["groups"]], ignore_index=True)
         tabs, ek = group_tables(groups, params["top_n"], params["group_examples"], params["example_k"])
@@ -403,7 +407,7 @@ def textualization_tables(inputs: Mapping[str, Any], outputs: Mapping[str, str],
             f"The first {len(shown)} target words of the relative selection; {len(t5)} rows in the CSV.",
             shown,
         )
-        tplot.groups(tabs["table3"], tabs["table4"], params["top_n"], outputs["groups"], model)
+        figures.groups(tabs["table3"], tabs["table4"], params["top_n"], outputs["groups"], model)
 
 
 def _write_table(csv: str, md: str, frame: pd.DataFrame, title: str, note: str | None = None, shown: pd.DataFrame | None = None) -> None:

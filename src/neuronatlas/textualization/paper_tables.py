@@ -15,7 +15,7 @@ def closest_label(words: Sequence[str], cos: Sequence[float]) -> str:
 
 def single_tables(neurons: pd.DataFrame, examples: int, seed: int) -> dict[str, pd.DataFrame]:
     """Table 1 (optimised input vs most activating word), Table 2 (closest words of example neurons), trends per layer."""
-    from neuronatlas.textualization import optimization as tz
+    from neuronatlas.textualization import optimization
 
     rows = []
     for name, a, b in (
@@ -23,8 +23,8 @@ def single_tables(neurons: pd.DataFrame, examples: int, seed: int) -> dict[str, 
         ("cossim to closest word", "cos_closest", "cos_word_closest"),
         ("vector magnitude", "norm_optimized", "norm_word"),
     ):
-        ma, sa = tz.mean_sd(neurons[a])
-        mb, sb = tz.mean_sd(neurons[b])
+        ma, sa = optimization.mean_sd(neurons[a])
+        mb, sb = optimization.mean_sd(neurons[b])
         rows.append({"metric": name, "optimized_mean": ma, "optimized_sd": sa, "word_mean": mb, "word_sd": sb})
     share = float(neurons["closest_is_most_activating"].mean()) if len(neurons) else float("nan")
     rows.append(
@@ -92,20 +92,20 @@ def single_tables(neurons: pd.DataFrame, examples: int, seed: int) -> dict[str, 
         ("activation of the most activating word", "act_word"),
         ("cossim of the optimized input to its closest word", "cos_closest"),
     ):
-        tr.append({"quantity": name, **tz.trend(neurons["layer"].to_numpy(), neurons[col].to_numpy())})
+        tr.append({"quantity": name, **optimization.trend(neurons["layer"].to_numpy(), neurons[col].to_numpy())})
     return {"table1": t1, "table2": t2, "trends": pd.DataFrame(tr)}
 
 
 def group_tables(groups: pd.DataFrame, top_n: int, examples: int, example_k: int | None) -> tuple[dict[str, pd.DataFrame], int]:
     """Tables 3 (cosine, activation strengths), 4 (target closest / in top n) and 5 (closest words, examples)."""
-    from neuronatlas.textualization import optimization as tz
+    from neuronatlas.textualization import optimization
 
     t3, t4 = [], []
     col = f"target_in_top_{top_n}"
     for (sel, k), part in groups.groupby(["selection", "k"], sort=True):
-        cm, cs = tz.mean_sd(part["cos_target"])
-        om, osd = tz.mean_sd(part["act_optimized"])
-        wm, wsd = tz.mean_sd(part["act_target"])
+        cm, cs = optimization.mean_sd(part["cos_target"])
+        om, osd = optimization.mean_sd(part["act_optimized"])
+        wm, wsd = optimization.mean_sd(part["act_target"])
         t3.append(
             {
                 "selection": sel,

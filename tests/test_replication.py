@@ -1,0 +1,144 @@
+"""The replication report: its statistics against scipy, verdicts by their decision rules, the registry, and the
+claims stage on the tiny DAG, whose verdict flips when the data does."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as scipy_stats
+
+from neuronatlas.replication import claims, statistics
+from neuronatlas.replication.jobs import replication_claims
+
+RESAMPLES = 4000
+
+
+def test_bootstrap_interval_of_a_mean_agrees_with_scipy():
+    data = np.random.default_rng(0).gamma(2.0, 1.5, size=60)
+    ours = statistics.bootstrap(data, resamples=RESAMPLES, seed=1)
+    theirs = scipy_stats.bootstrap((data,), np.mean, n_resamples=RESAMPLES, method="percentile", random_state=np.random.default_rng(2))
+    width = theirs.confidence_interval.high - theirs.confidence_interval.low
+    assert ours.value == pytest.approx(data.mean()) and ours.n == 60
+    assert ours.low == pytest.approx(theirs.confidence_interval.low, abs=0.08 * width)  # Monte Carlo error of two resamplings
+    assert ours.high == pytest.approx(theirs.confidence_interval.high, abs=0.08 * width)
+    # and the t interval, which the bootstrap approaches for a mean of 60 values
+    low, high = scipy_stats.t.interval(0.95, df=59, loc=data.mean(), scale=scipy_stats.sem(data))
+    assert ours.low == pytest.approx(low, abs=0.15 * width) and ours.high == pytest.approx(high, abs=0.15 * width)
+    assert statistics.bootstrap(data, resamples=RESAMPLES, seed=1) == ours  # seeded: deterministic
+
+
+def test_paired_and_independent_differences_agree_with_scipy():
+    rng = np.random.default_rng(3)
+    before = rng.normal(5, 2, size=80)
+    after = before - 0.4 + rng.normal(0, 0.3, size=80)  # a small shift under large between-unit spread
+    pair = statistics.paired(before, after, resamples=RESAMPLES, seed=0)
+    theirs = scipy_stats.bootstrap(
+        (before, after),
+        lambda a, b: np.mean(a - b),
+        paired=True,
+        n_resamples=RESAMPLES,
+        method="percentile",
+        random_state=np.random.default_rng(1),
+    )
+    width = theirs.confidence_interval.high - theirs.confidence_interval.low
+    assert pair.value == pytest.approx(0.4, abs=0.1) and pair.low > 0
+    assert pair.low == pytest.approx(theirs.confidence_interval.low, abs=0.1 * width)
+    # unpaired, the same data cannot tell the shift from the spread: a much wider interval
+    apart = statistics.difference(before, after, resamples=RESAMPLES, seed=0)
+    assert apart.value == pytest.approx(pair.value) and (apart.high - apart.low) > 5 * (pair.high - pair.low) and apart.low < 0
+    with pytest.raises(ValueError, match="differ in length"):
+        statistics.paired([1, 2], [1])
+
+
+def test_slope_and_ratio_agree_with_closed_forms():
+    rng = np.random.default_rng(5)
+    x = np.repeat(np.arange(12), 20).astype(float)
+    y = -1.8 * x + rng.normal(0, 4, size=x.size)
+    ours = statistics.slope(x, y, resamples=RESAMPLES, seed=0)
+    fit = scipy_stats.linregress(x, y)
+    low, high = fit.slope + np.array([-1, 1]) * scipy_stats.t.ppf(0.975, x.size - 2) * fit.stderr
+    assert ours.value == pytest.approx(fit.slope) and ours.n == x.size
+    assert ours.low == pytest.approx(low, abs=0.05) and ours.high == pytest.approx(high, abs=0.05)
+    share = statistics.ratio_of_sums([3, 0, 2, 5], [4, 2, 2, 8], resamples=RESAMPLES, seed=0)
+    assert share.value == pytest.approx(10 / 16) and share.low <= share.value <= share.high and share.n == 4
+
+
+@pytest.mark.parametrize(
+    "low, high, rule, expected",
+    [
+        (0.2, 0.5, "greater", "reproduced"),
+        (-0.5, -0.1, "greater", "not reproduced"),
+        (-0.1, 0.3, "greater", "inconclusive"),
+        (-0.5, -0.1, "less", "reproduced"),
+        (0.1, 0.2, "less", "not reproduced"),
+        (-0.05, 0.05, "within", "reproduced"),
+        (0.2, 0.3, "within", "not reproduced"),
+        (0.05, 0.3, "within", "inconclusive"),
+    ],
+)
+def test_verdict_follows_the_decision_rule(low, high, rule, expected):
+    estimate = statistics.Estimate(0.0, low, high, 50)
+    assert statistics.verdict(estimate, rule, 0.0 if rule != "within" else -0.1, 10, upper=0.1) == expected
+
+
+def test_too_few_units_or_no_interval_is_inconclusive():
+    assert statistics.verdict(statistics.Estimate(1.0, 0.5, 1.5, 5), "greater", 0.0, 10) == "inconclusive"
+    assert statistics.verdict(statistics.bootstrap([3.0]), "greater", 0.0, 1) == "inconclusive"  # one value: no interval
+    assert statistics.bootstrap([]).n == 0
+
+
+def test_every_method_with_claims_is_discovered_and_ids_are_unique():
+    assert claims.methods_with_claims() == ["clusters", "modularity", "textualization"]
+    ids = [c.id for c in claims.declared()]
+    assert len(ids) == len(set(ids)) and all(i.split(".")[0] in ("zhang", "pochinkov", "baeumel", "foote") for i in ids)
+    for claim in claims.declared():
+        assert claim.rule in ("greater", "less", "within") and (claim.rule != "within" or claim.upper is not None)
+
+
+def test_config_overrides_decide_the_threshold(tmp_path):
+    claim = claims.declared()[0]
+    estimate = statistics.Estimate(0.3, 0.2, 0.4, 40)
+    assert claims.row(claim, estimate, {})["verdict"] == "reproduced"
+    moved = claims.row(claim, estimate, {"thresholds": {claim.id: 0.5}})
+    assert moved["verdict"] == "not reproduced" and "0.5" in moved["decision"]
+    few = claims.row(claim, estimate, {"min_n": {claim.id: 100}})
+    assert few["verdict"] == "inconclusive" and "below the 100" in few["note"]
+
+
+def test_the_claims_stage_on_the_tiny_dag_and_a_verdict_that_flips_with_the_data(tiny_dag, tmp_path):
+    from neuronatlas.replication import dag as replication_dag
+
+    work, cfg = tiny_dag
+    R = Path(cfg["results_dir"])
+    table = pd.read_csv(R / "replication" / "claims.csv")
+    assert list(table.columns) == list(claims.COLUMNS)
+    assert set(table["verdict"]) <= {"reproduced", "not reproduced", "inconclusive"}
+    falls = table[table.claim_id == "zhang.fig2.within_distance_falls_with_k"]
+    assert len(falls) == 2 * len(cfg["representations"]["variants"])  # max and average distance per variant
+    assert "# Replication report" in (R / "replication" / "claims.md").read_text()
+    # the same stage on edited data: make every cluster's distance at the larger K exceed the smaller K's
+    inputs = copy.deepcopy(replication_dag.inputs(cfg))
+    site = next(iter(inputs["clusters"]["sites"]))
+    distances = pd.read_csv(inputs["clusters"]["sites"][site]["distance_clusters"])
+    ks = sorted(distances["k"].unique())
+    small, large = distances.k == ks[0], distances.k == ks[-1]
+    spread = np.linspace(0, 0.05, len(distances))  # distinct values, so the interval has a width
+    for measure in ("max_distance", "avg_distance"):
+        distances.loc[small, measure] = 0.2 + spread[small]
+        distances.loc[large, measure] = 0.9 + spread[large]
+    edited = tmp_path / "distance-clusters.csv"
+    distances.to_csv(edited, index=False)
+    inputs["clusters"]["sites"][site]["distance_clusters"] = str(edited)
+    settings = {**replication_dag.params(cfg), "min_n": {"zhang.fig2.within_distance_falls_with_k": 2}}
+    outputs = {"csv": str(tmp_path / "claims.csv"), "md": str(tmp_path / "claims.md")}
+    rows = [r for r in replication_claims(inputs, outputs, settings) if r["claim_id"] == "zhang.fig2.within_distance_falls_with_k"]
+    assert rows and all(r["verdict"] == "not reproduced" and r["ci_high"] < 0 for r in rows), rows
+    for measure in ("max_distance", "avg_distance"):  # now the smaller K's clusters are the wider ones
+        distances.loc[small, measure] = 1.5 + spread[small]
+    distances.to_csv(edited, index=False)
+    rows = [r for r in replication_claims(inputs, outputs, settings) if r["claim_id"] == "zhang.fig2.within_distance_falls_with_k"]
+    assert rows and all(r["verdict"] == "reproduced" for r in rows), rows
