@@ -161,117 +161,118 @@ def _nondefault(spec: Mapping[str, Any], key: str, schema_default: Any) -> bool:
 def check_semantics(config: Mapping[str, Any], schema: Mapping[str, Any] | None = None) -> None:
     """Cross-key checks the JSON schema cannot express; each error names the key and the fix."""
     schema = schema or load_schema()
-    ddefs = schema["$defs"]["dataset"]["properties"]
-    mdefs = schema["$defs"]["model"]["properties"]
-    datasets = config["datasets"]
-    models = config["models"]
+    for name, dataset in config["datasets"].items():
+        _check_dataset(name, dataset, schema["$defs"]["dataset"]["properties"])
+    for name, model in config["models"].items():
+        _check_model(name, model, config, schema["$defs"]["model"]["properties"])
 
-    for dname, d in datasets.items():
-        src = d["source"]
-        base = f"datasets.{dname}"
-        for field in sorted(_DATASET_FIELDS - _DATASET_ONLY[src]):
-            if _nondefault(d, field, ddefs[field].get("default")):
-                users = [s for s, f in _DATASET_ONLY.items() if field in f]
-                raise ConfigError(f"{base}.{field}", f"is only used when source is {' or '.join(users)} (source is {src})")
-        if src == "hf" and not d.get("path"):
-            raise ConfigError(f"{base}.path", "source hf needs the Hugging Face dataset id, e.g. path: allenai/c4")
-        if src == "packaged":
-            if d.get("name") not in PACKAGED_CORPORA:
+
+def _check_dataset(dname: str, d: Mapping[str, Any], ddefs: Mapping[str, Any]) -> None:
+    """A dataset's source-specific keys, packaged names and splits, filter and held-out shards."""
+    src = d["source"]
+    base = f"datasets.{dname}"
+    for field in sorted(_DATASET_FIELDS - _DATASET_ONLY[src]):
+        if _nondefault(d, field, ddefs[field].get("default")):
+            users = [s for s, f in _DATASET_ONLY.items() if field in f]
+            raise ConfigError(f"{base}.{field}", f"is only used when source is {' or '.join(users)} (source is {src})")
+    if src == "hf" and not d.get("path"):
+        raise ConfigError(f"{base}.path", "source hf needs the Hugging Face dataset id, e.g. path: allenai/c4")
+    if src == "packaged":
+        if d.get("name") not in PACKAGED_CORPORA:
+            raise ConfigError(f"{base}.name", f"{d.get('name')!r} is not a packaged corpus; allowed values: {', '.join(PACKAGED_CORPORA)}")
+        splits = _SPLITS.get(d["name"])
+        if splits and d.get("split") not in (None, *splits):
+            raise ConfigError(f"{base}.split", f"{d['split']!r}: {d['name']} has splits {', '.join(splits)}")
+        if not splits and d.get("split") is not None:
+            raise ConfigError(f"{base}.split", f"packaged corpus {d['name']} has no splits; remove the key")
+    if src == "files":
+        if not d.get("glob"):
+            raise ConfigError(f"{base}.glob", "source files needs a glob of .txt/.jsonl files, e.g. glob: data/*.txt")
+        if d.get("name") is not None:
+            raise ConfigError(f"{base}.name", "is not used by source files; remove it")
+    flt = d.get("filter")
+    if flt is not None and (("equals" in flt) == ("in" in flt)):
+        raise ConfigError(f"{base}.filter", "needs exactly one of `equals: value` or `in: [values]`")
+    n = d["shards"]
+    bad = [s for s in d["eval_shards"] if s >= n]
+    if bad:
+        raise ConfigError(f"{base}.eval_shards", f"shard(s) {bad} do not exist; allowed: 0..{n - 1} (shards: {n})")
+    if len(d["eval_shards"]) >= n:
+        raise ConfigError(
+            f"{base}.eval_shards", f"holds out all {n} shards, leaving none for statistics; increase `shards` or hold out fewer"
+        )
+
+
+def _check_model(mname: str, m: Mapping[str, Any], config: Mapping[str, Any], mdefs: Mapping[str, Any]) -> None:
+    """A model's source-specific keys, its twin or training, and its datasets (known, of its modality)."""
+    datasets, models = config["datasets"], config["models"]
+    base = f"models.{mname}"
+    src = m["source"]
+    for other, fields in _MODEL_ONLY.items():
+        if other == src:
+            continue
+        for field in sorted(fields - _MODEL_ONLY[src]):
+            if _nondefault(m, field, mdefs[field].get("default")):
+                raise ConfigError(f"{base}.{field}", f"is only used when source is {other} (source is {src})")
+    if src == "hub" and not m.get("id"):
+        raise ConfigError(f"{base}.id", "source hub needs a hub id, e.g. id: bert-base-uncased")
+    if src == "local" and not m.get("path"):
+        raise ConfigError(f"{base}.path", "source local needs the model directory, e.g. path: /models/bert")
+    if src == "packaged" and m.get("name") not in PACKAGED_MODELS:
+        raise ConfigError(f"{base}.name", f"{m.get('name')!r} is not a packaged model; allowed values: {', '.join(PACKAGED_MODELS)}")
+    if src == "random":
+        has_cfg, has_init = m.get("config") is not None, m.get("init_from") is not None
+        if has_cfg == has_init:
+            raise ConfigError(f"{base}", "source random needs exactly one of `config` (an HF config dict) or `init_from` (a model name)")
+        if has_cfg:
+            if "model_type" not in m["config"]:
+                raise ConfigError(f"{base}.config.model_type", "the HF config dict needs a model_type, e.g. bert or gpt2")
+            if not m.get("tokenizer") and m["config"]["model_type"] not in IMAGE_MODEL_TYPES:
                 raise ConfigError(
-                    f"{base}.name", f"{d.get('name')!r} is not a packaged corpus; allowed values: {', '.join(PACKAGED_CORPORA)}"
+                    f"{base}.tokenizer", "source random with `config` needs a tokenizer (directory, packaged model or hub id)"
                 )
-            splits = _SPLITS.get(d["name"])
-            if splits and d.get("split") not in (None, *splits):
-                raise ConfigError(f"{base}.split", f"{d['split']!r}: {d['name']} has splits {', '.join(splits)}")
-            if not splits and d.get("split") is not None:
-                raise ConfigError(f"{base}.split", f"packaged corpus {d['name']} has no splits; remove the key")
-        if src == "files":
-            if not d.get("glob"):
-                raise ConfigError(f"{base}.glob", "source files needs a glob of .txt/.jsonl files, e.g. glob: data/*.txt")
-            if d.get("name") is not None:
-                raise ConfigError(f"{base}.name", "is not used by source files; remove it")
-        flt = d.get("filter")
-        if flt is not None and (("equals" in flt) == ("in" in flt)):
-            raise ConfigError(f"{base}.filter", "needs exactly one of `equals: value` or `in: [values]`")
-        n = d["shards"]
-        bad = [s for s in d["eval_shards"] if s >= n]
-        if bad:
-            raise ConfigError(f"{base}.eval_shards", f"shard(s) {bad} do not exist; allowed: 0..{n - 1} (shards: {n})")
-        if len(d["eval_shards"]) >= n:
+        if has_init:
+            if m["init_from"] == mname or m["init_from"] not in models:
+                raise ConfigError(
+                    f"{base}.init_from",
+                    f"{m['init_from']!r} is not another model; defined models: {', '.join(k for k in models if k != mname)}",
+                )
+            if m.get("tokenizer"):
+                raise ConfigError(f"{base}.tokenizer", "with init_from the tokenizer of that model is used; remove this key")
+    if src == "train":
+        if not m.get("config") or "model_type" not in m["config"]:
             raise ConfigError(
-                f"{base}.eval_shards", f"holds out all {n} shards, leaving none for statistics; increase `shards` or hold out fewer"
+                f"{base}.config", "source train needs an HF config dict with model_type, e.g. {model_type: vit, image_size: 28, ...}"
             )
-
-    for mname, m in models.items():
-        base = f"models.{mname}"
-        src = m["source"]
-        for other, fields in _MODEL_ONLY.items():
-            if other == src:
-                continue
-            for field in sorted(fields - _MODEL_ONLY[src]):
-                if _nondefault(m, field, mdefs[field].get("default")):
-                    raise ConfigError(f"{base}.{field}", f"is only used when source is {other} (source is {src})")
-        if src == "hub" and not m.get("id"):
-            raise ConfigError(f"{base}.id", "source hub needs a hub id, e.g. id: bert-base-uncased")
-        if src == "local" and not m.get("path"):
-            raise ConfigError(f"{base}.path", "source local needs the model directory, e.g. path: /models/bert")
-        if src == "packaged" and m.get("name") not in PACKAGED_MODELS:
-            raise ConfigError(f"{base}.name", f"{m.get('name')!r} is not a packaged model; allowed values: {', '.join(PACKAGED_MODELS)}")
-        if src == "random":
-            has_cfg, has_init = m.get("config") is not None, m.get("init_from") is not None
-            if has_cfg == has_init:
+        if m["config"]["model_type"] not in IMAGE_MODEL_TYPES:
+            raise ConfigError(
+                f"{base}.config.model_type", f"source train trains image classifiers; allowed: {', '.join(IMAGE_MODEL_TYPES)}"
+            )
+        if not m.get("train"):
+            raise ConfigError(f"{base}.train", "source train needs `train: {dataset: <image dataset>, eval_dataset: <image dataset>}`")
+        for key in ("dataset", "eval_dataset"):
+            dname = m["train"][key]
+            if dname not in datasets or not is_image_dataset(datasets[dname]):
+                images = [k for k, v in datasets.items() if is_image_dataset(v)]
                 raise ConfigError(
-                    f"{base}", "source random needs exactly one of `config` (an HF config dict) or `init_from` (a model name)"
+                    f"{base}.train.{key}", f"{dname!r} is not an image dataset; image datasets: {', '.join(images) or 'none'}"
                 )
-            if has_cfg:
-                if "model_type" not in m["config"]:
-                    raise ConfigError(f"{base}.config.model_type", "the HF config dict needs a model_type, e.g. bert or gpt2")
-                if not m.get("tokenizer") and m["config"]["model_type"] not in IMAGE_MODEL_TYPES:
-                    raise ConfigError(
-                        f"{base}.tokenizer", "source random with `config` needs a tokenizer (directory, packaged model or hub id)"
-                    )
-            if has_init:
-                if m["init_from"] == mname or m["init_from"] not in models:
-                    raise ConfigError(
-                        f"{base}.init_from",
-                        f"{m['init_from']!r} is not another model; defined models: {', '.join(k for k in models if k != mname)}",
-                    )
-                if m.get("tokenizer"):
-                    raise ConfigError(f"{base}.tokenizer", "with init_from the tokenizer of that model is used; remove this key")
-        if src == "train":
-            if not m.get("config") or "model_type" not in m["config"]:
-                raise ConfigError(
-                    f"{base}.config", "source train needs an HF config dict with model_type, e.g. {model_type: vit, image_size: 28, ...}"
-                )
-            if m["config"]["model_type"] not in IMAGE_MODEL_TYPES:
-                raise ConfigError(
-                    f"{base}.config.model_type", f"source train trains image classifiers; allowed: {', '.join(IMAGE_MODEL_TYPES)}"
-                )
-            if not m.get("train"):
-                raise ConfigError(f"{base}.train", "source train needs `train: {dataset: <image dataset>, eval_dataset: <image dataset>}`")
-            for key in ("dataset", "eval_dataset"):
-                dname = m["train"][key]
-                if dname not in datasets or not is_image_dataset(datasets[dname]):
-                    images = [k for k, v in datasets.items() if is_image_dataset(v)]
-                    raise ConfigError(
-                        f"{base}.train.{key}", f"{dname!r} is not an image dataset; image datasets: {', '.join(images) or 'none'}"
-                    )
-        for i, dname in enumerate(m["datasets"]):
-            if dname not in datasets:
-                close = difflib.get_close_matches(dname, list(datasets), n=1)
-                hint = f" (did you mean `{close[0]}`?)" if close else ""
-                raise ConfigError(f"{base}.datasets[{i}]", f"unknown dataset {dname!r}{hint}; defined datasets: {', '.join(datasets)}")
-        modality = model_modality(models, mname)
-        for i, dname in enumerate(m["datasets"]):
-            image = is_image_dataset(datasets[dname])
-            if modality is not None and image != (modality == "image"):
-                raise ConfigError(
-                    f"{base}.datasets[{i}]",
-                    f"{dname!r} is {'an image' if image else 'a text'} dataset but {mname} is "
-                    f"{'an image' if modality == 'image' else 'a text'} model",
-                )
-        if m["max_length"] > 100_000:
-            raise ConfigError(f"{base}.max_length", "is implausibly large; windows are at most the model context")
+    for i, dname in enumerate(m["datasets"]):
+        if dname not in datasets:
+            close = difflib.get_close_matches(dname, list(datasets), n=1)
+            hint = f" (did you mean `{close[0]}`?)" if close else ""
+            raise ConfigError(f"{base}.datasets[{i}]", f"unknown dataset {dname!r}{hint}; defined datasets: {', '.join(datasets)}")
+    modality = model_modality(models, mname)
+    for i, dname in enumerate(m["datasets"]):
+        image = is_image_dataset(datasets[dname])
+        if modality is not None and image != (modality == "image"):
+            raise ConfigError(
+                f"{base}.datasets[{i}]",
+                f"{dname!r} is {'an image' if image else 'a text'} dataset but {mname} is "
+                f"{'an image' if modality == 'image' else 'a text'} model",
+            )
+    if m["max_length"] > 100_000:
+        raise ConfigError(f"{base}.max_length", "is implausibly large; windows are at most the model context")
 
 
 # ----------------------------------------------------------------------------- accessors

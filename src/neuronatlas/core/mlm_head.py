@@ -143,109 +143,42 @@ def fit_mlm_head(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Train the MLM head on the frozen encoder and write a complete HF masked-LM folder; returns the metrics."""
-    from transformers import AutoModelForMaskedLM
-
-    from neuronatlas.core.extract import make_windows
-    from neuronatlas.core.models import quiet_transformers, resolve_device
+    from neuronatlas.core.models import _load_tokenizer, resolve_device
 
     t0 = time.perf_counter()
     manifest = read_json(manifest_path)
-    if manifest["kind"] != "masked_lm":
-        raise NeuronAtlasError(
-            f"mlm_head.models lists {manifest['model']!r}, a {manifest['kind']} model; only masked LMs get a fitted MLM head"
-        )
     if threads:
         torch.set_num_threads(int(threads))
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     dev = resolve_device(device)
-    quiet_transformers()
-    model = AutoModelForMaskedLM.from_pretrained(manifest["load_path"], dtype=torch.float32).to(dev).eval()
-    head = getattr(model, "cls", None)
-    pred = getattr(head, "predictions", None)
-    if pred is None or not hasattr(pred, "transform"):
-        raise NeuronAtlasError(f"fit_mlm_head supports BERT-style heads (cls.predictions.transform); {type(model).__name__} has none")
-    encoder = model.base_model
-    emb = encoder.get_input_embeddings().weight
-    if pred.decoder.weight.data_ptr() != emb.data_ptr():
-        pred.decoder.weight = emb  # tie the decoder to the word embeddings
-    for p in encoder.parameters():
-        p.requires_grad_(False)
-
-    from neuronatlas.core.models import _load_tokenizer
-
+    model = _frozen_masked_lm(manifest, dev)
+    head, encoder = model.cls, model.base_model
     tok = _load_tokenizer(manifest["tokenizer_path"])
-    prefix, suffix = manifest["prefix_ids"], manifest["suffix_ids"]
-    specials = set(int(i) for i in manifest["special_ids"])
-    mask_id, pad_id = int(manifest["mask_id"]), int(manifest["pad_id"] or 0)
-    vocab = int(emb.shape[0])
-    random_ids = np.setdiff1d(np.arange(vocab), list(specials))
-
-    def windows_of(frames: Sequence[pd.DataFrame], budget: int):
-        # the token budget is split evenly over the shards, so every dataset contributes
-        per = max(1, budget // max(len(frames), 1))
-        out = []
-        for frame in frames:
-            out += make_windows(tok, frame["text"].tolist(), frame["doc_id"].tolist(), max_length, prefix, suffix, max_tokens=per)
-        return out
-
-    train_w = windows_of(train_frames, max_tokens)
-    eval_w = windows_of(eval_frames, max_eval_tokens)
-    if not train_w or not eval_w:
+    windows = (
+        _windows(tok, manifest, train_frames, max_tokens, max_length),
+        _windows(tok, manifest, eval_frames, max_eval_tokens, max_length),
+    )
+    if not windows[0] or not windows[1]:
         raise NeuronAtlasError(
-            f"fit_mlm_head for {manifest['model']!r}: {len(train_w)} training and {len(eval_w)} held-out windows; the model's "
+            f"fit_mlm_head for {manifest['model']!r}: {len(windows[0])} training and {len(windows[1])} held-out windows; the model's "
             "datasets need training shards and eval_shards (datasets.<d>.eval_shards) with text"
         )
-    tr_x, tr_y = masked_features(
-        encoder, train_w, mask_positions(train_w, mask_prob, rng, specials), mask_id, pad_id, rng, True, random_ids, batch_tokens, progress
-    )
-    ev_x, ev_y = masked_features(
-        encoder, eval_w, mask_positions(eval_w, mask_prob, rng, specials), mask_id, pad_id, rng, False, random_ids, batch_tokens, progress
-    )
+    specials = set(int(i) for i in manifest["special_ids"])
+    mask_id, pad_id = int(manifest["mask_id"]), int(manifest["pad_id"] or 0)
+    vocab = int(encoder.get_input_embeddings().weight.shape[0])
+    random_ids = np.setdiff1d(np.arange(vocab), list(specials))
+    features = []
+    for w, train in zip(windows, (True, False)):
+        masked = mask_positions(w, mask_prob, rng, specials)
+        features.append(masked_features(encoder, w, masked, mask_id, pad_id, rng, train, random_ids, batch_tokens, progress))
+    (tr_x, tr_y), (ev_x, ev_y) = features
     t_feat = time.perf_counter() - t0
-
-    # initialisation: identity transform, unit LayerNorm, unigram log-prior bias
-    with torch.no_grad():
-        pred.transform.dense.weight.copy_(torch.eye(pred.transform.dense.weight.shape[0]))
-        pred.transform.dense.bias.zero_()
-        pred.transform.LayerNorm.weight.fill_(1.0)
-        pred.transform.LayerNorm.bias.zero_()
-        counts = torch.bincount(tr_y, minlength=vocab).double() + 1.0
-        pred.bias.copy_(torch.log(counts / counts.sum()).float())
-        if getattr(pred.decoder, "bias", None) is not None and pred.decoder.bias.data_ptr() != pred.bias.data_ptr():
-            pred.decoder.bias = pred.bias
-    head_cpu = head.to(dev)
+    counts = _initialise_head(head.predictions, tr_y, vocab)
     unigram = _unigram_metrics(counts, ev_y)
-    init = _head_metrics(head_cpu, ev_x.to(dev), ev_y.to(dev))
-    params = [p for n, p in head.named_parameters() if p.requires_grad and p.data_ptr() != emb.data_ptr()]
-    opt = torch.optim.Adam(params, lr=lr)
-    n = len(tr_y)
-    steps = epochs * math.ceil(n / batch_positions)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) * max(0.0, 1 - s / steps) + 1e-3)
-    head.train()
-    gen = torch.Generator().manual_seed(seed)
-    history = []
-    bar = tqdm(total=steps, disable=not progress, desc="head", mininterval=5)
-    for epoch in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        total = 0.0
-        for lo in range(0, n, batch_positions):
-            sel = perm[lo : lo + batch_positions]
-            logits = head(tr_x[sel].to(dev))
-            loss = F.cross_entropy(logits.float(), tr_y[sel].to(dev))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(sel)
-            bar.update(1)
-        head.eval()
-        ev = _head_metrics(head, ev_x.to(dev), ev_y.to(dev))
-        head.train()
-        history.append({"epoch": epoch + 1, "train_loss": total / n, "heldout_loss": ev["loss"], "heldout_top1": ev["top1"]})
-        print(f"epoch {epoch + 1}: train loss {total / n:.3f}, held-out loss {ev['loss']:.3f}, top-1 {ev['top1']:.3f}", flush=True)
-    bar.close()
-    head.eval()
+    head = head.to(dev)
+    init = _head_metrics(head, ev_x.to(dev), ev_y.to(dev))
+    history = _train_head(head, encoder, (tr_x, tr_y), (ev_x, ev_y), epochs, batch_positions, lr, seed, dev, progress)
     final = _head_metrics(head, ev_x.to(dev), ev_y.to(dev))
     metrics = {
         "model": manifest["model"],
@@ -256,9 +189,9 @@ def fit_mlm_head(
             "neuronatlas on the frozen encoder; not the model's original pre-training head"
         ),
         "library_version": __version__,
-        "train_windows": len(train_w),
-        "train_positions": int(n),
-        "heldout_windows": len(eval_w),
+        "train_windows": len(windows[0]),
+        "train_positions": int(len(tr_y)),
+        "heldout_windows": len(windows[1]),
         "heldout_positions": int(len(ev_y)),
         "heldout_masking": "every selected token replaced by [MASK]",
         "train_masking": "BERT 80/10/10",
@@ -288,6 +221,108 @@ def fit_mlm_head(
         tok.save_pretrained(tmp)
         write_json(Path(tmp) / HEAD_INFO, metrics)
     return metrics
+
+
+def _frozen_masked_lm(manifest: Mapping[str, Any], device: torch.device) -> Any:
+    """The masked LM of a manifest with a BERT-style head whose decoder is tied to the word embeddings; encoder frozen."""
+    from transformers import AutoModelForMaskedLM
+
+    from neuronatlas.core.models import quiet_transformers
+
+    if manifest["kind"] != "masked_lm":
+        raise NeuronAtlasError(
+            f"mlm_head.models lists {manifest['model']!r}, a {manifest['kind']} model; only masked LMs get a fitted MLM head"
+        )
+    quiet_transformers()
+    model = AutoModelForMaskedLM.from_pretrained(manifest["load_path"], dtype=torch.float32).to(device).eval()
+    prediction = getattr(getattr(model, "cls", None), "predictions", None)
+    if prediction is None or not hasattr(prediction, "transform"):
+        raise NeuronAtlasError(f"fit_mlm_head supports BERT-style heads (cls.predictions.transform); {type(model).__name__} has none")
+    embeddings = model.base_model.get_input_embeddings().weight
+    if prediction.decoder.weight.data_ptr() != embeddings.data_ptr():
+        prediction.decoder.weight = embeddings  # tie the decoder to the word embeddings
+    for parameter in model.base_model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def _windows(tokenizer: Any, manifest: Mapping[str, Any], frames: Sequence[pd.DataFrame], budget: int, max_length: int) -> list[Any]:
+    """Windows of the frames' texts; the token budget is split evenly over the shards, so every dataset contributes."""
+    from neuronatlas.core.extract import make_windows
+
+    per = max(1, budget // max(len(frames), 1))
+    out = []
+    for frame in frames:
+        out += make_windows(
+            tokenizer,
+            frame["text"].tolist(),
+            frame["doc_id"].tolist(),
+            max_length,
+            manifest["prefix_ids"],
+            manifest["suffix_ids"],
+            max_tokens=per,
+        )
+    return out
+
+
+def _initialise_head(prediction: Any, labels: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Identity transform, unit LayerNorm, unigram log-prior bias (smoothed training counts, returned)."""
+    with torch.no_grad():
+        prediction.transform.dense.weight.copy_(torch.eye(prediction.transform.dense.weight.shape[0]))
+        prediction.transform.dense.bias.zero_()
+        prediction.transform.LayerNorm.weight.fill_(1.0)
+        prediction.transform.LayerNorm.bias.zero_()
+        counts = torch.bincount(labels, minlength=vocab).double() + 1.0
+        prediction.bias.copy_(torch.log(counts / counts.sum()).float())
+        if getattr(prediction.decoder, "bias", None) is not None and prediction.decoder.bias.data_ptr() != prediction.bias.data_ptr():
+            prediction.decoder.bias = prediction.bias
+    return counts
+
+
+def _train_head(
+    head: Any,
+    encoder: Any,
+    train: tuple[torch.Tensor, torch.Tensor],
+    heldout: tuple[torch.Tensor, torch.Tensor],
+    epochs: int,
+    batch_positions: int,
+    lr: float,
+    seed: int,
+    device: torch.device,
+    progress: bool,
+) -> list[dict[str, float]]:
+    """Adam with warm-up and linear decay on the masked positions' features; held-out metrics after every epoch."""
+    (tr_x, tr_y), (ev_x, ev_y) = train, heldout
+    embeddings = encoder.get_input_embeddings().weight
+    params = [p for _, p in head.named_parameters() if p.requires_grad and p.data_ptr() != embeddings.data_ptr()]
+    opt = torch.optim.Adam(params, lr=lr)
+    n = len(tr_y)
+    steps = epochs * math.ceil(n / batch_positions)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) * max(0.0, 1 - s / steps) + 1e-3)
+    head.train()
+    gen = torch.Generator().manual_seed(seed)
+    history = []
+    bar = tqdm(total=steps, disable=not progress, desc="head", mininterval=5)
+    for epoch in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        total = 0.0
+        for lo in range(0, n, batch_positions):
+            sel = perm[lo : lo + batch_positions]
+            loss = F.cross_entropy(head(tr_x[sel].to(device)).float(), tr_y[sel].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(sel)
+            bar.update(1)
+        head.eval()
+        ev = _head_metrics(head, ev_x.to(device), ev_y.to(device))
+        head.train()
+        history.append({"epoch": epoch + 1, "train_loss": total / n, "heldout_loss": ev["loss"], "heldout_top1": ev["top1"]})
+        print(f"epoch {epoch + 1}: train loss {total / n:.3f}, held-out loss {ev['loss']:.3f}, top-1 {ev['top1']:.3f}", flush=True)
+    bar.close()
+    head.eval()
+    return history
 
 
 def _unigram_metrics(counts: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -216,6 +216,16 @@ def prepare(
     `source: train` models point at `trained_dir`, the HF folder the workflow's modularity_train rule wrote.
     """
     out_dir = Path(out_dir)
+    load_path, info = _materialize(params, out_dir, init_from_manifest, trained_dir)
+    info.update(_describe(load_path, params))
+    write_json(out_dir / "manifest.json", info)
+    return info
+
+
+def _materialize(
+    params: Mapping[str, Any], out_dir: Path, init_from_manifest: str | Path | None, trained_dir: str | Path | None
+) -> tuple[Path, dict[str, Any]]:
+    """Where the model's HF folder is (downloaded, converted, initialised or in place) and where it came from."""
     name, src = params["model"], params["source"]
     weights = out_dir / "weights"
     info: dict[str, Any] = {"model": name, "source": src}
@@ -272,7 +282,11 @@ def prepare(
         load_path = weights
     else:  # pragma: no cover - validated config
         raise NeuronAtlasError(f"models.{name}.source: unknown source {src!r}")
+    return load_path, info
 
+
+def _describe(load_path: Path, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest fields read off a model folder: family, sites' shapes, parameters, head, tokenizer layout."""
     from transformers import AutoConfig
 
     hf_config = AutoConfig.from_pretrained(str(load_path))
@@ -284,7 +298,7 @@ def prepare(
     sites = {s: list(site_shape(base_model(skeleton), fam, s)) for s in ("residual", "mlp", "ffn_out")}
     n_params = int(sum(p.numel() for p in skeleton.parameters()))
     missing_head = missing_head_keys(load_path, hf_config, fam)
-    info.update(
+    info = dict(
         manifest_version=MANIFEST_VERSION,
         library_version=__version__,
         family=fam.name,
@@ -310,7 +324,6 @@ def prepare(
             mask_id=None if tok.mask_token_id is None else int(tok.mask_token_id),
             unk_id=None if tok.unk_token_id is None else int(tok.unk_token_id),
         )
-    write_json(out_dir / "manifest.json", info)
     return info
 
 
