@@ -170,3 +170,27 @@ def test_cluster_tables_equal_a_hand_computation_from_the_clusterings(run):
     assert tokens.iloc[0]["tokens_raw"] == len(raw.tokens) and tokens.iloc[0]["neurons"] == raw.n_neurons
     sweep = pd.read_csv(base / "clusters" / "distance-sweep.csv")
     assert np.allclose(distances["mean_max_distance"], sweep["mean_max_distance"], equal_nan=True)
+
+
+def test_per_cluster_distances_equal_scipy_pairwise_distances(run):
+    """k<K>-distances.csv (the replication report's units) against scipy's cosine pdist per cluster."""
+    import pandas as pd
+
+    work, cfg = run
+    base = Path(cfg["results_dir"]) / "tbert" / "fix" / "mlp"
+    for variant in cfg["representations"]["variants"]:
+        rep = representations.read(base / "representations" / f"{variant}.h5", base / "activations" / "stats.h5")
+        for k in cfg["clustering"]["k"]:
+            table = pd.read_csv(base / "clusters" / variant / f"k{k}-distances.csv")
+            labels = pd.read_parquet(base / "clusters" / variant / f"k{k}.parquet").set_index("neuron_id")["cluster"]
+            assert list(table["cluster"]) == list(range(k))
+            for cluster in range(k):
+                members = labels.index[labels == cluster].to_numpy()
+                got = table.iloc[cluster]
+                assert got["size"] == members.size
+                if members.size < 2:
+                    assert np.isnan(got["max_distance"]) and np.isnan(got["avg_distance"])
+                    continue
+                d = pdist(np.asarray(rep.values[members], dtype=np.float64), "cosine")
+                assert got["max_distance"] == pytest.approx(d.max(), abs=1e-4)
+                assert got["avg_distance"] == pytest.approx(d.mean(), abs=1e-4)

@@ -123,22 +123,30 @@ def test_the_claims_stage_on_the_tiny_dag_and_a_verdict_that_flips_with_the_data
     # the same stage on edited data: make every cluster's distance at the larger K exceed the smaller K's
     inputs = copy.deepcopy(replication_dag.inputs(cfg))
     site = next(iter(inputs["clusters"]["sites"]))
-    distances = pd.read_csv(inputs["clusters"]["sites"][site]["distance_clusters"])
+    from neuronatlas.clusters.claims import read_distances
+
+    files = inputs["clusters"]["sites"][site]["distances"]
+    distances = read_distances(files)
     ks = sorted(distances["k"].unique())
     small, large = distances.k == ks[0], distances.k == ks[-1]
     spread = np.linspace(0, 0.05, len(distances))  # distinct values, so the interval has a width
     for measure in ("max_distance", "avg_distance"):
         distances.loc[small, measure] = 0.2 + spread[small]
         distances.loc[large, measure] = 0.9 + spread[large]
-    edited = tmp_path / "distance-clusters.csv"
-    distances.to_csv(edited, index=False)
-    inputs["clusters"]["sites"][site]["distance_clusters"] = str(edited)
+    edited = {v: {str(k): str(tmp_path / f"{v}-k{k}.csv") for k in ks} for v in files}
+
+    def write_edited() -> None:
+        for (v, k), part in distances.groupby(["variant", "k"]):
+            part.drop(columns=["variant", "k"]).to_csv(edited[v][str(k)], index=False)
+
+    write_edited()
+    inputs["clusters"]["sites"][site]["distances"] = edited
     settings = {**replication_dag.params(cfg), "min_n": {"zhang.fig2.within_distance_falls_with_k": 2}}
     outputs = {"csv": str(tmp_path / "claims.csv"), "md": str(tmp_path / "claims.md")}
     rows = [r for r in replication_claims(inputs, outputs, settings) if r["claim_id"] == "zhang.fig2.within_distance_falls_with_k"]
     assert rows and all(r["verdict"] == "not reproduced" and r["ci_high"] < 0 for r in rows), rows
     for measure in ("max_distance", "avg_distance"):  # now the smaller K's clusters are the wider ones
         distances.loc[small, measure] = 1.5 + spread[small]
-    distances.to_csv(edited, index=False)
+    write_edited()
     rows = [r for r in replication_claims(inputs, outputs, settings) if r["claim_id"] == "zhang.fig2.within_distance_falls_with_k"]
     assert rows and all(r["verdict"] == "reproduced" for r in rows), rows

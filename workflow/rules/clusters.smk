@@ -125,7 +125,6 @@ rule clusters_sweep:
         stats=paths.site(R, "{model}", "{dataset}", "{site}")["stats"],
     output:
         summary=f"{CLUSTERS_SITE}/clusters/distance-sweep.csv",
-        clusters=f"{CLUSTERS_SITE}/clusters/distance-clusters.csv",
     log:
         log_path("clusters_sweep", "{model}/{dataset}/{site}"),
     benchmark:
@@ -141,11 +140,7 @@ rule clusters_sweep:
             config, "sweep", wc.model, wc.dataset, wc.site, input.representations[0], attempt
         )["runtime"],
     params:
-        sweep={
-            "ks": clusters_dag.sweep_ks(config),
-            "cluster_ks": clusters_dag.ks(config),
-            "variants": clusters_dag.variants(config),
-        },
+        sweep={"ks": clusters_dag.sweep_ks(config), "variants": clusters_dag.variants(config)},
     script:
         "../scripts/clusters_sweep.py"
 

@@ -1,7 +1,7 @@
 """Claims of Zhang, Gu & Yao that the cluster method's outputs decide (the replication report's rows).
 
-Units of every interval are clusters: the within-cluster distances of `clusters/distance-clusters.csv`
-(written by clusters_sweep at the K values of clustering.k) and the clusterings themselves.
+Units of every interval are clusters: the within-cluster distances of `clusters/<variant>/k<K>-distances.csv`
+(written by clusters_cut at the K values of clustering.k) and the clusterings themselves.
 """
 
 from __future__ import annotations
@@ -63,12 +63,20 @@ def evaluate(inputs: Mapping[str, Any], settings: Mapping[str, Any]) -> list[dic
     index_table = pd.read_csv(inputs["index_table"]) if inputs.get("index_table") else None
     for key, files in inputs["sites"].items():
         model, dataset, site = key.split("/")
-        distances = pd.read_csv(files["distance_clusters"])
+        distances = read_distances(files["distances"])
         rows += _distance_rows(distances, settings, model, dataset, site)
         if site == "residual" and index_table is not None:
             baseline = index_table[(index_table.model == model) & (index_table.dataset == dataset) & (index_table.site == site)]
             rows += _index_rows(files["clusterings"], baseline, settings, model, dataset, site)
     return rows
+
+
+def read_distances(files: Mapping[str, Mapping[str, str]]) -> pd.DataFrame:
+    """Every variant's and K's per-cluster distances (clusters/<variant>/k<K>-distances.csv) as one table."""
+    import pandas as pd
+
+    frames = [pd.read_csv(path).assign(variant=variant, k=int(k)) for variant, by_k in files.items() for k, path in by_k.items()]
+    return pd.concat(frames, ignore_index=True)
 
 
 def _distance_rows(distances: pd.DataFrame, settings: Mapping[str, Any], model: str, dataset: str, site: str) -> list[dict[str, Any]]:

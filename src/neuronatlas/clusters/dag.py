@@ -228,13 +228,15 @@ def clustering_name(k: int, refined: bool) -> str:
 
 
 def cut_outputs(results: str, model: str, dataset: str, site: str, variant: str, k_values: list[int]) -> dict[str, str]:
-    """Outputs of one cut job, named `<kind>_k<K>`: clusters, refined, trace, explanations csv/md (plain and refined)."""
+    """Outputs of one cut job, named `<kind>_k<K>`: clusters, refined, trace, per-cluster distances, explanations
+    csv/md (plain and refined)."""
     base, expl = clusters_dir(results, model, dataset, site, variant), explanations_dir(results, model, dataset, site, variant)
     out = {}
     for k in k_values:
         out[f"clusters_k{k}"] = f"{base}/k{k}.parquet"
         out[f"refined_k{k}"] = f"{base}/k{k}-refined.parquet"
         out[f"trace_k{k}"] = f"{base}/k{k}-refine-trace.parquet"
+        out[f"distances_k{k}"] = f"{base}/k{k}-distances.csv"
         for refined in (False, True):
             tag = "refined_" if refined else ""
             out[f"explanations_{tag}k{k}"] = f"{expl}/{clustering_name(k, refined)}.csv"
@@ -311,15 +313,17 @@ def table_outputs(results: str) -> dict[str, str]:
 
 
 def claim_inputs(config: Mapping[str, Any]) -> dict[str, Any]:
-    """What the replication report reads of this method: per-cluster distances, clusterings, the index table."""
+    """What the replication report reads of this method: per-cluster distances and clusterings per variant and K,
+    the index table."""
     if not enabled(config):
         return {}
     results = config["results_dir"]
     sites = {}
     for m, d, s in grid(config):
+        folders = {v: clusters_dir(results, m, d, s, v) for v in variants(config)}
         sites[f"{m}/{d}/{s}"] = {
-            "distance_clusters": f"{paths.site(results, m, d, s)['dir']}/clusters/distance-clusters.csv",
-            "clusterings": {v: {str(k): f"{clusters_dir(results, m, d, s, v)}/k{k}.parquet" for k in ks(config)} for v in variants(config)},
+            "distances": {v: {str(k): f"{folder}/k{k}-distances.csv" for k in ks(config)} for v, folder in folders.items()},
+            "clusterings": {v: {str(k): f"{folder}/k{k}.parquet" for k in ks(config)} for v, folder in folders.items()},
         }
     return {"sites": sites, "index_table": table_outputs(results)["index_clustering_csv"]}
 

@@ -84,9 +84,10 @@ def clusters_cut(tree_path: str, representation: str, stats: str, outputs: Mappi
     and the top tokens of both (outputs named as clusters.dag.cut_outputs)."""
     tree = clustering.load_tree(tree_path)
     rep = representations.read(representation, stats)
+    cuts: dict[int, np.ndarray] = {}
     for k in params["ks"]:
         k = int(k)
-        labels = clustering.cut(tree, k)
+        labels = cuts[k] = clustering.cut(tree, k)
         cols = clustering.labels_table(labels, int(tree.attrs["width"]))
         meta = {key: tree.attrs.get(key) for key in ("model", "dataset", "site", "variant", "n_layers", "width")}
         meta.update(k=k, method=tree.method, linkage=tree.linkage, refined=False)
@@ -106,6 +107,29 @@ def clusters_cut(tree_path: str, representation: str, stats: str, outputs: Mappi
             f"max {kept.max()}, empty {int((kept == 0).sum())}"
         )
         explain(rep, refined, meta, outputs[f"explanations_refined_k{k}"], outputs[f"markdown_refined_k{k}"], params["explain"])
+    write_cluster_distances(tree, rep, cuts, outputs)
+
+
+def write_cluster_distances(
+    tree: clustering.Tree, rep: representations.Representation, cuts: Mapping[int, np.ndarray], outputs: Mapping[str, str]
+) -> None:
+    """Every cluster's size, max and average within-cluster distance at each K -> outputs["distances_k<K>"] (the
+    units of the replication report's intervals). Consumes rep.values (normalised in place)."""
+    X = representations.unit_rows(rep.values, inplace=True)
+    ks = sorted(cuts)
+    heights = [clustering.cluster_heights(tree, k) for k in ks]
+    if ks and heights[0] is None:  # not an exact complete-linkage tree: maxima from the members
+        heights = clustering.nested_max_distances(X, [cuts[k] for k in ks])
+    for k, h in zip(ks, heights):
+        w = clustering.within_cluster_distances(X, cuts[k], h)
+        rows = [
+            {"cluster": c, "size": int(size), "max_distance": float(high), "avg_distance": float(mean)}
+            for c, (size, high, mean) in enumerate(zip(w["size"], w["max_distance"], w["avg_distance"]))
+        ]
+        tables.write_csv(outputs[f"distances_k{k}"], rows, DISTANCE_COLUMNS)
+
+
+DISTANCE_COLUMNS = ["cluster", "size", "max_distance", "avg_distance"]
 
 
 def explain(
@@ -136,18 +160,16 @@ def clusters_sweep(
     representation_files: Mapping[str, str], stats: str, trees: Mapping[str, str], outputs: Mapping[str, str], params: Mapping[str, Any]
 ) -> None:
     """Rule clusters_sweep: mean (over clusters) max and average within-cluster distance for every K of the
-    sweep and every variant (section 6.1, Fig. 2) -> outputs["summary"]; every cluster's distances at the K
-    values of clustering.k -> outputs["clusters"] (the units of the replication report's intervals).
+    sweep and every variant (section 6.1, Fig. 2) -> outputs["summary"].
     Single-member clusters have no pairwise distance: they are left out of the means and counted."""
-    summary, per_cluster = [], []
-    sweep, clusterings = {int(k) for k in params["ks"]}, {int(k) for k in params.get("cluster_ks", ())}
+    summary = []
     for variant, path in representation_files.items():
         rep = representations.read(path, stats)
         tree = clustering.load_tree(trees[variant])
         X = representations.unit_rows(rep.values, inplace=True)
         del rep.values
-        ks = sorted(k for k in sweep | clusterings if k <= tree.n_leaves)
-        skipped = sorted((sweep | clusterings) - set(ks))
+        ks = sorted(int(k) for k in params["ks"] if int(k) <= tree.n_leaves)
+        skipped = sorted(int(k) for k in params["ks"] if int(k) > tree.n_leaves)
         if skipped:
             print(f"{variant}: K={skipped} skipped (more than the {tree.n_leaves} leaves of the tree)")
         labels = [clustering.cut(tree, k) for k in ks]
@@ -157,20 +179,6 @@ def clusters_sweep(
         for k, lab, h in zip(ks, labels, heights):
             w = clustering.within_cluster_distances(X, lab, h)
             multi = w["size"] >= 2
-            if k in clusterings:
-                per_cluster += [
-                    {
-                        "variant": variant,
-                        "k": k,
-                        "cluster": c,
-                        "size": int(w["size"][c]),
-                        "max_distance": float(w["max_distance"][c]),
-                        "avg_distance": float(w["avg_distance"][c]),
-                    }
-                    for c in range(k)
-                ]
-            if k not in sweep:
-                continue
             summary.append(
                 {
                     "variant": variant,
@@ -185,7 +193,6 @@ def clusters_sweep(
             print(f"{variant} K={k}: mean max {summary[-1]['mean_max_distance']:.3f}, mean avg {summary[-1]['mean_avg_distance']:.3f}")
     columns = ["variant", "k", "mean_max_distance", "mean_avg_distance", "clusters_with_2plus", "singletons", "method"]
     tables.write_csv(outputs["summary"], summary, columns)
-    tables.write_csv(outputs["clusters"], per_cluster, ["variant", "k", "cluster", "size", "max_distance", "avg_distance"])
 
 
 def clusters_figures(inputs: Mapping[str, str], outputs: Mapping[str, str], params: Mapping[str, Any]) -> None:
