@@ -14,8 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-import snakemake.workflow as smw
+# isort: off
 from snakemake.api import SnakemakeApi  # before snakemake.workflow (circular import otherwise)
+import snakemake.workflow as smw
+
+# isort: on
 from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
 
 REPO = Path(__file__).resolve().parents[1]

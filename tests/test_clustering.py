@@ -210,3 +210,15 @@ def test_nested_max_distances_equal_brute_force(cap):
                 assert np.isnan(mx[c])
             else:
                 assert mx[c] == pytest.approx(D[np.ix_(m, m)].max(), abs=1e-5)
+
+
+def test_spherical_kmeans_counts_its_iterations():
+    """The iteration count it returns is the number of assignment passes: 1 on data it gets right at once,
+    more when centroids must move, never above max_iter."""
+    rng = np.random.default_rng(0)
+    centers = clustering.unit_rows(rng.standard_normal((4, 16)).astype(np.float32))
+    X = clustering.unit_rows(np.repeat(centers, 25, axis=0) + 0.01 * rng.standard_normal((100, 16)).astype(np.float32))
+    _, iters = clustering.spherical_kmeans(X, 4, seed=0, max_iter=20, dims=None)
+    assert 2 <= iters <= 20  # the seeded start is not the answer: at least one move, then one pass that changes nothing
+    _, capped = clustering.spherical_kmeans(rng.standard_normal((300, 16)).astype(np.float32), 30, seed=0, max_iter=2, dims=None)
+    assert capped == 2

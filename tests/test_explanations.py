@@ -91,6 +91,7 @@ def chain(tmp_path, tokenizers, tag: str):
         "trace_k4": d / "trace.parquet",
         "explanations_refined_k4": d / "k4-refined.csv",
         "markdown_refined_k4": d / "k4-refined.md",
+        "distances_k4": d / "k4-distances.csv",
     }
     cluster_jobs.clusters_cut(d / "tree.npz", d / "filter.h5", path, outputs, {"ks": [4], "threshold": 0.9, "explain": ep})
     return d, ids, counts

@@ -360,10 +360,11 @@ def test_resource_estimates_follow_the_config():
     local, small, whole = (activations_dag.shard_corpus_resources({"datasets": datasets}, d) for d in datasets)
     assert local["runtime"] < small["runtime"] < whole["runtime"] <= 24 * 60
     assert whole["mem_mb"] > small["mem_mb"] >= local["mem_mb"]
-    assert activations_dag.summarize_resources(10) == {"mem_mb": 1000, "runtime": 10}
+    # 10 minutes plus one per 100 files, rounded up (a request never falls short of the estimate)
+    assert activations_dag.summarize_resources(10) == {"mem_mb": 1000, "runtime": 11}
     assert activations_dag.summarize_resources(1000)["runtime"] == 20
     # a retry asks for more: memory and time scale with the attempt
-    assert activations_dag.summarize_resources(10, attempt=2) == {"mem_mb": 2000, "runtime": 20}
+    assert activations_dag.summarize_resources(10, attempt=2) == {"mem_mb": 2000, "runtime": 21}
 
 
 def test_non_slurm_runs_skip_the_slurm_plugins_scontrol_probe():

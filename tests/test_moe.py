@@ -123,6 +123,7 @@ def test_balanced_kmeans_sizes(n, k):
     else:
         assert int((counts == hi).sum()) == r
     assert res.certified and res.converged
+    assert res.n_iter == len(res.history) >= 1  # one objective per assignment step
     # the objective by hand: squared distances of every point to the mean of its cluster
     by_hand = sum(((x[res.labels == c] - x[res.labels == c].mean(axis=0)) ** 2).sum() for c in range(k) if (res.labels == c).any())
     assert res.objective == pytest.approx(by_hand, rel=1e-6)

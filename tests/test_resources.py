@@ -97,6 +97,13 @@ def test_merge_memory_follows_the_shard_files(tmp_path):
     large = activations_dag.merge_resources(cfg, "bert", "notes_big", "mlp", files)
     per_layer = 3072  # BERT-base's MLP width: the merge holds one layer of token sums, twice, in float64
     assert large["mem_mb"] - small["mem_mb"] == pytest.approx(4000 * per_layer * 16 / 2**20, abs=2)
+    # a damaged shard file: the estimate falls back to the config (the merge job itself names the file)
+    data = files[1].read_bytes()
+    files[1].write_bytes(data[: len(data) // 3])
+    assert estimate.from_hdf5(files, lambda f: 1) is None
+    assert activations_dag.merge_resources(cfg, "bert", "notes_big", "mlp", files) == activations_dag.merge_resources(
+        cfg, "bert", "notes_big", "mlp"
+    )
 
 
 def test_cluster_jobs_read_the_representation_shape(tmp_path):

@@ -181,24 +181,13 @@ def merge_resources(
     shape = estimate.shape_of(config["models"], model)
     shards = len(stats_shards(data))
     per_layer = shape.neurons(site) / (shape.n_layers + (site == "residual"))
-    ids = _union_ids(inputs, site) if inputs and estimate.files_present(inputs) else None
+    counts = estimate.from_hdf5(inputs, lambda f: int((f[site] if site in f else f)["token_ids"].shape[0])) if inputs else None
+    ids = sum(counts) if counts is not None else None  # an upper bound: the sum over the shard files
     if ids is None:
         ids = estimate.distinct_ids(estimate.shard_tokens(data, spec) * shards, shape.vocab)
     token_mb = ids * per_layer * 8 * 2 / 2**20 if spec["token_stats"] else 0
     topk_mb = shape.neurons(site) * config["activations"]["top_k"] * 24 * (shards + 1) / 2**20
     return estimate.scaled(1000 + token_mb + topk_mb, 5 + shards, attempt)
-
-
-def _union_ids(inputs: Sequence[str], site: str) -> int:
-    """An upper bound on the distinct token ids of the merged store: the sum over the shard files."""
-    import h5py
-
-    total = 0
-    for path in inputs:
-        with h5py.File(path, "r") as f:
-            group = f[site] if site in f else f
-            total += int(group["token_ids"].shape[0])
-    return total
 
 
 def summarize_resources(n_files: int, attempt: int = 1) -> dict[str, int]:

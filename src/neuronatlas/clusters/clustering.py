@@ -104,13 +104,14 @@ def spherical_kmeans(
     C = Y[np.sort(rng.choice(n, size=m, replace=False))].copy()
     assign = np.full(n, -1, np.int64)
     best = np.empty(n, np.float32)
-    it = 0
+    n_iter = 0
     iters = range(max_iter)
     if progress:
         from tqdm import tqdm
 
         iters = tqdm(iters, desc="k-means", unit="iter", mininterval=5)
     for _ in iters:
+        n_iter += 1
         new = np.empty(n, np.int64)
         for r0 in range(0, n, 8192):
             S = Y[r0 : r0 + 8192] @ C.T
@@ -136,7 +137,7 @@ def spherical_kmeans(
     used = np.unique(assign)
     remap = np.full(m, -1, np.int64)
     remap[used] = np.arange(used.size)
-    return remap[assign], it + 1
+    return remap[assign], n_iter
 
 
 @dataclass

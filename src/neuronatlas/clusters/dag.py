@@ -342,11 +342,13 @@ def targets(config: Mapping[str, Any]) -> list[str]:
 
 def _matrix(config: Mapping[str, Any], model: str, dataset: str, site: str, representation_file: str | None) -> tuple[int, int]:
     """(neurons, tokens) of a representation: from its file when it exists, else estimated from the config."""
-    if representation_file and estimate.files_present([representation_file]):
-        import h5py
 
-        with h5py.File(representation_file, "r") as f:
-            return int(f.attrs["n_layers"]) * int(f.attrs["width"]), int(f["token_ids"].shape[0])
+    def stored(f: Any) -> tuple[int, int]:
+        return int(f.attrs["n_layers"]) * int(f.attrs["width"]), int(f["token_ids"].shape[0])
+
+    found = estimate.from_hdf5([representation_file], stored) if representation_file else None
+    if found:
+        return found[0]
     shape = estimate.shape_of(config["models"], model)
     spec, data = config["models"][model], config["datasets"][dataset]
     tokens = estimate.shard_tokens(data, spec) * max(1, data["shards"] - len(data["eval_shards"]))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,3 +197,21 @@ def gpus(device: str) -> int:
 def files_present(paths: Iterable[str | os.PathLike]) -> bool:
     """Whether every path exists (a job's inputs are built)."""
     return all(Path(p).exists() for p in paths)
+
+
+def from_hdf5(paths: Iterable[str | os.PathLike], read: Callable[[Any], Any]) -> list[Any] | None:
+    """`read(file)` of every HDF5 file, or None when one is missing or cannot be read: an estimate then falls back
+    to the config, and the job that opens the damaged file reports it by name (an estimate must not fail a run)."""
+    import h5py
+
+    paths = list(paths)
+    if not files_present(paths):
+        return None
+    try:
+        out = []
+        for path in paths:
+            with h5py.File(path, "r") as f:
+                out.append(read(f))
+        return out
+    except (OSError, KeyError, ValueError):
+        return None

@@ -470,7 +470,7 @@ def merge(
         }
         for key in ("n_tokens", "n_content_tokens", "n_examples", "n_documents"):
             merged_attrs[key] = int(sum(int(s.attrs.get(key, 0)) for s in stores))
-        merged_attrs["shards"] = [int(x) for x in shards if x is not None]
+        merged_attrs["shards"] = sorted(int(x) for x in shards if x is not None)  # the same store whatever the merge order
         merged_attrs.update(attrs or {})
         kw = _ds_kwargs(compression, level)
         with atomic_path(output, suffix=".h5") as tmp, h5py.File(tmp, "w", track_order=True) as f:

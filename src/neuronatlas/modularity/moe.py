@@ -407,8 +407,9 @@ def balanced_kmeans(
         history: list[float] = []
         max_gap, certified, n_paths, converged = 0.0, True, 0, False
         bar = _progress(max_iter, progress)
-        it = 0
-        for _ in range(1, max_iter + 1):
+        n_iter = 0
+        for _ in range(max_iter):
+            n_iter += 1
             cost = cost_matrix(x, centroids)
             a = balanced_assignment(cost, prices)
             prices = a.prices
@@ -431,7 +432,7 @@ def balanced_kmeans(
         labels,
         centroids,
         kmeans_objective(x, labels, centroids),
-        it,
+        n_iter,
         converged,
         max_gap,
         certified,
