@@ -98,6 +98,26 @@ def test_targets_are_seeded_frequent_first_and_disjoint(tx):
         optimization.choose_targets(vocab, counts, 10**6, 0, seed=0, exclude_subwords=False)
 
 
+def test_frequent_targets_come_from_the_band_and_listed_words_replace_them(tx):
+    vocab = optimization.vocabulary_table(tx.lm.tokenizer, tx.lm.manifest["special_ids"])
+    counts = optimization.token_frequencies(tx.lm.tokenizer, helpers.fixture_texts(), len(vocab))
+    words = vocab.loc[vocab.word & ~vocab.special & ~vocab.unused]
+    ranked = words.assign(c=counts[words.token_id]).query("c > 0").sort_values(["c", "token_id"], ascending=[False, True])
+    band = ranked.iloc[5:]
+    band = band.loc[band.token.str.len() >= 4].head(3)
+    got = optimization.choose_targets(vocab, counts, 2, 3, seed=0, exclude_subwords=True, skip_top=5, min_length=4)
+    assert list(got.token_id[:3]) == list(band.token_id) and list(got.kind) == ["frequent"] * 3 + ["random"] * 2
+    assert not set(got.token_id) & set(ranked.token_id[:5]) and (got.token.str.len()[:3] >= 4).all()
+    assert not got.token.str.startswith("##").any()
+    listed = list(band.token[:2])
+    got = optimization.choose_targets(vocab, counts, 2, 0, seed=0, exclude_subwords=True, words=listed)
+    assert list(got.token[:2]) == listed and list(got.kind) == ["listed", "listed", "random", "random"]
+    with pytest.raises(ConfigError, match="groups.words.*not a single item"):
+        optimization.choose_targets(vocab, counts, 2, 0, seed=0, exclude_subwords=True, words=["zzzunknownword"])
+    with pytest.raises(NeuronAtlasError, match="skip_top"):
+        optimization.choose_targets(vocab, counts, 0, 3, seed=0, exclude_subwords=True, skip_top=10**6)
+
+
 def test_token_frequencies_count_every_token(tx):
     texts = ["the cat sat", "the dog"]
     counts = optimization.token_frequencies(tx.lm.tokenizer, texts, len(tx.lm.tokenizer))
@@ -192,8 +212,8 @@ def test_gradients_reach_only_the_optimised_positions(tx, optimizer, lr):
     # the frozen rows do receive gradient (they are inputs of attention): zeroing it is what keeps them fixed
     assert min(frozen_grad) > 0
     assert torch.equal(ref[:, 0], tx.one_hot_sequence(x0)[:, 0])
-    np.testing.assert_allclose(res.x[:, 0], ref[:, 1].numpy(), rtol=1e-3, atol=1e-4 * float(np.abs(res.x).max()))
-    assert not np.allclose(res.x, x0.numpy())
+    np.testing.assert_allclose(res.x_final[:, 0], ref[:, 1].numpy(), rtol=1e-3, atol=1e-4 * float(np.abs(res.x_final).max()))
+    assert not np.allclose(res.x_final, x0.numpy())
 
 
 def test_sgd_in_the_embedding_space_equals_sgd_on_x(tx):
@@ -202,8 +222,10 @@ def test_sgd_in_the_embedding_space_equals_sgd_on_x(tx):
     kw = dict(steps=25, lr=100.0, init="normal", init_scale=1.0, batch_size=3, progress=False)
     lazy = optimization.maximise(tx, targets, seeds, optimizer="sgd", **kw)
     explicit = optimization.maximise(tx, targets, seeds, optimizer="sgd-explicit", **kw)
-    np.testing.assert_allclose(lazy.x, explicit.x, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(lazy.x_final, explicit.x_final, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(lazy.final, explicit.final, rtol=1e-3, atol=1e-5)
     np.testing.assert_allclose(lazy.activation, explicit.activation, rtol=1e-3, atol=1e-5)
+    np.testing.assert_array_equal(lazy.best_step, explicit.best_step)
 
 
 def test_cls_and_sep_stay_one_hot(tx):
@@ -273,6 +295,102 @@ def test_optimisation_increases_the_target_activation(tx):
         progress=False,
     )
     assert np.all(res.activation > scan.max_act[layers, index])
+
+
+def _adam_trajectory(tx, targets, seeds, steps, lr):
+    """Objective after every update of Adam on x, one row at a time, by torch.optim.Adam on that row alone."""
+    values = np.zeros((steps + 1, targets.n_rows))
+    for r in range(targets.n_rows):
+        sub = targets.subset(np.array([r]))
+        x = tx.init_inputs([seeds[r]], "normal", 1.0).requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=lr)
+        for step in range(steps + 1):
+            obj = tx.objective(tx.static(x), sub)
+            values[step, r] = float(obj.detach())
+            if step < steps:
+                opt.zero_grad()
+                (-obj.sum()).backward()
+                opt.step()
+    return values
+
+
+def test_the_reported_input_is_the_best_state_of_the_ascent(tx):
+    """When the ascent overshoots, the last state is worse than the best: the best is reported, with its step,
+    and the last state as `final` (against one-row Adam trajectories; Adam at this rate overshoots on the tiny
+    model, whose objective plain SGD approaches monotonically)."""
+    targets = optimization.Targets.singles([0, 1, 1, 0], [3, 8, 15, 20])
+    seeds = optimization.row_seeds(2, 1, range(4))
+    steps, lr = 12, 0.1
+    res = optimization.maximise(
+        tx,
+        targets,
+        seeds,
+        steps=steps,
+        lr=lr,
+        optimizer="adam",
+        init="normal",
+        init_scale=1.0,
+        history_every=1,
+        batch_size=4,
+        progress=False,
+    )
+    trajectory = _adam_trajectory(tx, targets, seeds, steps, lr)
+    np.testing.assert_allclose(res.history, trajectory, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(res.activation, trajectory.max(0), rtol=1e-3, atol=1e-5)
+    np.testing.assert_array_equal(res.best_step, trajectory.argmax(0))
+    np.testing.assert_allclose(res.final, trajectory[-1], rtol=1e-3, atol=1e-5)
+    assert (res.best_step < steps).any(), "the case must overshoot for the test to mean anything"
+    assert np.all(res.activation >= res.final) and np.all(res.steps_run == steps)
+    # the returned x is the best state itself: its activation, recomputed
+    order = optimization.order_rows(targets)
+    with torch.no_grad():
+        again = tx.objective(tx.static(torch.from_numpy(res.x[order])), targets.subset(order))
+    np.testing.assert_allclose(again.numpy(), trajectory.max(0)[order], rtol=1e-4, atol=1e-6)
+
+
+def test_converged_rows_stop_and_the_rest_go_on(tx):
+    """With `stop`, a row freezes once its best rose by at most tol x |best| over `window` steps; the rows still
+    climbing are not affected (they match a run without stopping), and `rising` flags rows that were still rising."""
+    targets = optimization.Targets.singles([1, 1, 1, 0, 0, 0], [1, 2, 3, 5, 8, 13])
+    seeds = optimization.row_seeds(4, 1, range(6))
+    kw = dict(steps=40, lr=100.0, init="normal", init_scale=1.0, history_every=1, batch_size=6, progress=False)
+    free = optimization.maximise(tx, targets, seeds, window=5, tol=0.02, stop=False, **kw)
+    stopped = optimization.maximise(tx, targets, seeds, window=5, tol=0.02, stop=True, **kw)
+    best = np.maximum.accumulate(free.history, axis=0)
+    # the first step at which the best of the last 5 steps rose by at most 2%: where each row must stop
+    expected = np.full(6, 40)
+    for r in range(6):
+        for step in range(5, 40):
+            if best[step, r] - best[step - 5, r] <= 0.02 * abs(best[step - 5, r]):
+                expected[r] = step
+                break
+    np.testing.assert_array_equal(stopped.steps_run, expected)
+    assert (expected < 40).any() and (expected == 40).any() or (expected < 40).all(), expected
+    for r in range(6):
+        n = expected[r]
+        np.testing.assert_allclose(stopped.history[: n + 1, r], free.history[: n + 1, r], rtol=1e-4, atol=1e-4)
+        assert np.all(stopped.history[n:, r] == stopped.history[n, r])  # frozen after it stopped
+    np.testing.assert_allclose(stopped.activation, best[expected, np.arange(6)], rtol=1e-4, atol=1e-4)
+    rising = best[40] - best[35] > 0.02 * np.abs(best[35])
+    np.testing.assert_array_equal(free.rising, rising)
+    np.testing.assert_array_equal(stopped.rising, rising & (expected == 40))
+
+
+def test_gradient_clipping_bounds_every_step(tx):
+    """clip_norm bounds each row's x-space step to lr x clip_norm, in the embedding-space and the x path alike,
+    and leaves steps below the bound as they are."""
+    targets = optimization.Targets.singles([1, 0], [8, 3])
+    seeds = optimization.row_seeds(1, 1, range(2))
+    x0 = tx.init_inputs(seeds, "normal", 1.0).numpy()
+    kw = dict(steps=1, lr=2.0, init="normal", init_scale=1.0, batch_size=2, progress=False)
+    for optimizer in ("sgd", "sgd-explicit"):
+        free = optimization.maximise(tx, targets, seeds, optimizer=optimizer, **kw)
+        free_step = np.linalg.norm((free.x_final - x0).reshape(2, -1), axis=1)
+        bound = 0.5 * free_step.min() / 2.0
+        clipped = optimization.maximise(tx, targets, seeds, optimizer=optimizer, clip_norm=bound, **kw)
+        np.testing.assert_allclose(np.linalg.norm((clipped.x_final - x0).reshape(2, -1), axis=1), 2.0 * bound, rtol=1e-3)
+        loose = optimization.maximise(tx, targets, seeds, optimizer=optimizer, clip_norm=10 * free_step.max(), **kw)
+        np.testing.assert_allclose(loose.x_final, free.x_final, rtol=1e-5, atol=1e-7)
 
 
 def test_batched_equals_one_at_a_time(tx):
@@ -380,10 +498,13 @@ def test_group_tables_on_a_hand_made_frame():
         {
             "selection": ["absolute"] * 2 + ["relative"] * 4,
             "k": [2, 2, 2, 2, 5, 5],
+            "token_id": [1, 2, 1, 2, 1, 2],
             "token": list("abcdef"),
             "kind": "random",
             "cos_target": [0.1, 0.3, 0.2, 0.4, 0.5, 0.7],
             "act_optimized": [3.0, 5.0, 2.0, 2.0, 1.0, 1.0],
+            "act_final": [3.0, 4.0, 2.0, 1.0, 1.0, 1.0],
+            "rising": [True, False, False, False, True, True],
             "act_target": [1.0, 1.0, 0.5, 0.5, 0.4, 0.6],
             "act_initial": [0.0, 6.0, 0, 0, 0, 0],
             "target_rank": [1, 30, 1, 2, 1, 1],
@@ -392,18 +513,27 @@ def test_group_tables_on_a_hand_made_frame():
     )
     g["target_is_closest"] = g["target_rank"] == 1
     g["target_in_top_20"] = g["target_rank"] <= 20
-    tabs, k = paper_tables.group_tables(g, 20, 3, None)
+    shown = g[["selection", "k", "token_id", "cos_target", "target_rank", "target_is_closest", "target_in_top_20"]]
+    other = shown.assign(cos_target=0.9, target_rank=3, target_is_closest=False, target_in_top_20=True)
+    spaces = pd.concat([shown.assign(space="embedding_output"), other.assign(space="word")], ignore_index=True)
+    tabs, k = paper_tables.group_tables(g, spaces, 20, 3, None, 0.05, "embedding_output")
     assert k == 5  # relative, k=5: 100% closest
-    t3 = tabs["table3"].set_index(["selection", "k"])
-    assert t3.loc[("absolute", 2), "cos_target_mean"] == pytest.approx(0.2)
-    assert t3.loc[("absolute", 2), "act_optimized_sd"] == pytest.approx(np.std([3.0, 5.0], ddof=1))
-    assert t3.loc[("absolute", 2), "not_raised_pct"] == 50 and t3.loc[("relative", 5), "not_raised_pct"] == 0
-    t4 = tabs["table4"].set_index(["selection", "k"])
-    assert t4.loc[("absolute", 2), "target_is_closest_pct"] == 50 and t4.loc[("absolute", 2), "target_in_top_20_pct"] == 50
-    assert t4.loc[("relative", 2), "target_in_top_20_pct"] == 100
+    t3 = tabs["table3"].set_index(["selection", "k", "space"])
+    assert t3.loc[("absolute", 2, "embedding_output"), "cos_target_mean"] == pytest.approx(0.2)
+    assert t3.loc[("absolute", 2, "word"), "cos_target_mean"] == pytest.approx(0.9)
+    assert t3.loc[("absolute", 2, "word"), "act_optimized_sd"] == pytest.approx(np.std([3.0, 5.0], ddof=1))
+    assert t3.loc[("absolute", 2, "word"), "not_raised_pct"] == 50 and t3.loc[("relative", 5, "word"), "not_raised_pct"] == 0
+    # 4.0 is 20% below 5.0 (diverged at 5%), 1.0 is 50% below 2.0
+    assert t3.loc[("absolute", 2, "word"), "diverged_pct"] == 50 and t3.loc[("relative", 2, "word"), "diverged_pct"] == 50
+    assert t3.loc[("relative", 5, "word"), "rising_pct"] == 100 and t3.loc[("relative", 2, "word"), "rising_pct"] == 0
+    t4 = tabs["table4"].set_index(["selection", "k", "space"])
+    assert t4.loc[("absolute", 2, "embedding_output"), "target_is_closest_pct"] == 50
+    assert t4.loc[("absolute", 2, "embedding_output"), "target_in_top_20_pct"] == 50
+    assert t4.loc[("relative", 2, "embedding_output"), "target_in_top_20_pct"] == 100
+    assert t4.loc[("relative", 5, "word"), "target_is_closest_pct"] == 0 and t4.loc[("absolute", 2, "word"), "target_in_top_20_pct"] == 100
     assert list(tabs["table5"]["target_word"]) == ["e", "f"]
     md = tables.markdown(tabs["table4"], title="T4", float_format="{:.3f}")
-    assert md.startswith("### T4") and "| relative | 5 |" in md
+    assert md.startswith("### T4") and "| relative | 5 | embedding_output |" in md
 
 
 # ----------------------------------------------------------------------------- config
@@ -427,6 +557,8 @@ def test_config_checks(tmp_path, tokenizers):
         ({"groups": {"k": [10**6]}}, "exceed"),
         ({"groups": {"k": [2], "frequency_source": "stats", "frequency_dataset": "notes"}}, "frequency_dataset"),
         ({"groups": {"k": [2], "frequency_dataset": "nothere"}}, "frequency_dataset"),
+        ({"groups": {"k": [2], "words": ["the"], "n_frequent": 2}}, "use one of the two"),
+        ({"groups": {"k": [2], "n_frequent": 0, "n_random": 0}}, "no target words"),
     ]
     for section, match in bad:
         with pytest.raises(ConfigError, match=match):
@@ -451,11 +583,15 @@ def test_single_tables_on_a_hand_made_frame():
         for i in (2, 5, 9):
             rows.append(
                 {
+                    "neuron_id": layer * 10 + i,
                     "layer": layer,
                     "index": i,
                     "act_optimized": 10.0 - layer,
+                    "act_final": (10.0 - layer) * (0.5 if i == 5 else 0.99),
                     "act_initial": 0.0 if i != 9 else 20.0,
-                    "act_word": 1.0,
+                    "rising": layer == 0,
+                    "steps_run": 100 + 10 * layer,
+                    "act_word": 1.0 if i != 5 else 10.0,
                     "cos_closest": 0.1 + 0.01 * layer,
                     "cos_word_closest": 1.0,
                     "norm_optimized": 12.0,
@@ -466,13 +602,59 @@ def test_single_tables_on_a_hand_made_frame():
                     **{f"closest_{j}_cos": 0.1 for j in (1, 2, 3)},
                 }
             )
-    tabs = paper_tables.single_tables(pd.DataFrame(rows), examples=2, seed=0)
-    t1 = tabs["table1"].set_index("metric")
-    assert t1.loc["activation strength", "optimized_mean"] == pytest.approx(9.0)
-    assert t1.loc["closest word is the most activating word (share of neurons)", "optimized_mean"] == pytest.approx(1 / 3)
-    assert t1.loc["ascent did not raise the activation (share of neurons)", "optimized_mean"] == pytest.approx(1 / 3)
-    assert t1.loc["most activating word / optimized input (ratio of the mean activations)", "optimized_mean"] == pytest.approx(1 / 9)
+    neurons = pd.DataFrame(rows)
+    comparison = ["neuron_id", "cos_closest", "cos_word_closest", "norm_optimized", "norm_word", "closest_is_most_activating"]
+    spaces = pd.concat(
+        [
+            neurons[comparison].assign(space="embedding_output"),
+            neurons[comparison].assign(space="word", cos_closest=0.5 - 0.1 * neurons["layer"], closest_is_most_activating=False),
+        ],
+        ignore_index=True,
+    )
+    tabs = paper_tables.single_tables(neurons, spaces, examples=2, seed=0, divergence_tol=0.05)
+    t1 = tabs["table1"].set_index(["metric", "space"])
+    assert t1.loc[("activation strength", ""), "optimized_mean"] == pytest.approx(9.0)
+    assert t1.loc[("activation strength", ""), "word_mean"] == pytest.approx(4.0)
+    share = "closest word is the most activating word (share of neurons)"
+    assert t1.loc[(share, "embedding_output"), "optimized_mean"] == pytest.approx(1 / 3)
+    assert t1.loc[(share, "word"), "optimized_mean"] == 0
+    assert t1.loc[("cossim to closest word", "word"), "optimized_mean"] == pytest.approx(0.4)
+    assert t1.loc[("ascent did not raise the activation (share of neurons)", ""), "optimized_mean"] == pytest.approx(1 / 3)
+    assert t1.loc[("optimized input does not beat the most activating word (share)", ""), "optimized_mean"] == pytest.approx(1 / 3)
+    assert t1.loc[("ended more than 5% below its best (share of neurons)", ""), "optimized_mean"] == pytest.approx(1 / 3)
+    assert t1.loc[("still rising at the last step (share of neurons)", ""), "optimized_mean"] == pytest.approx(1 / 3)
+    assert t1.loc[("steps run (mean)", ""), "optimized_mean"] == pytest.approx(110)
+    ratio = "most activating word / optimized input (ratio of the mean activations)"
+    assert t1.loc[(ratio, ""), "optimized_mean"] == pytest.approx(4 / 9)
     t2 = tabs["table2"]
     assert list(t2.layer) == [0, 0, 2, 2] and list(t2.neuron[:2]) == list(t2.neuron[2:])
-    tr = tabs["trends"].set_index("quantity")
-    assert tr.loc["activation of the optimized input", "beta"] == pytest.approx(-1.0)
+    tr = tabs["trends"].set_index(["quantity", "space"])
+    assert tr.loc[("activation of the optimized input", ""), "beta"] == pytest.approx(-1.0)
+    assert tr.loc[("cossim of the optimized input to its closest word", "word"), "beta"] == pytest.approx(-0.1)
+    assert tr.loc[("cossim of the optimized input to its closest word", "embedding_output"), "beta"] == pytest.approx(0.01)
+
+
+def test_init_sweep_table_on_a_hand_made_frame():
+    base = pd.DataFrame(
+        {
+            "neuron_id": [1, 2],
+            "act_initial": [0.0, 0.0],
+            "act_optimized": [4.0, 6.0],
+            "act_final": [4.0, 3.0],
+            "rising": [True, False],
+            "steps_run": [50, 100],
+        }
+    )
+    sweep = pd.concat(
+        [
+            base.assign(init="zeros", init_scale=1.0, main=False, act_optimized=[1.0, 1.0], act_final=[1.0, 1.0]),
+            base.assign(init="normal", init_scale=1.0, main=True),
+        ],
+        ignore_index=True,
+    )
+    table = paper_tables.init_sweep_table(sweep, pd.Series([2.0, 3.0], index=[1, 2]), 0.05)
+    assert list(table["init"]) == ["normal", "zeros"]  # the main one first
+    main = table.iloc[0]
+    assert main["act_optimized_mean"] == 5.0 and main["word_over_optimized"] == pytest.approx(0.5)
+    assert main["diverged_pct"] == 50 and main["rising_pct"] == 50 and main["beats_word_pct"] == 100
+    assert table.iloc[1]["beats_word_pct"] == 0 and table.iloc[1]["word_over_optimized"] == pytest.approx(2.5)

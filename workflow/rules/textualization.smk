@@ -1,8 +1,9 @@
 # Feature textualization (Baeumel et al.; docs/methods/textualization.md): activation maximisation in a BERT
 # model's one-hot input space. Per model in textualization.models (outputs under {R}/{model}/textualization/):
 #   textualization_scan     every candidate word alone between [CLS]/[SEP]: each neuron's most activating words
-#   textualization_targets  the seeded target words (frequent + random), written out
-#   textualization_single   one optimised input per sampled neuron; closest words, magnitudes, PCA
+#   textualization_targets  the target words (listed or frequent, then seeded random ones), written out
+#   textualization_single   one optimised input per sampled neuron (and initialisation); closest words in every
+#                           comparison space, magnitudes, PCA
 #   textualization_group    one job per k: each target word's top-k neurons (absolute / relative), one input per group
 #   textualization_tables   Tables 1-5 (+ trends) and Figs. 2-5 (+ convergence, groups) of the model
 import neuronatlas.textualization.dag as textualization_dag
@@ -67,9 +68,7 @@ rule textualization_single:
         manifest=lambda wc: paths.model(R, wc.model)["manifest"],
         scan=f"{R}/{{model}}/textualization/word_scan.h5",
     output:
-        neurons=f"{R}/{{model}}/textualization/single/neurons.csv",
-        optimized=f"{R}/{{model}}/textualization/single/optimized.h5",
-        pca=f"{R}/{{model}}/textualization/single/pca.parquet",
+        **textualization_dag.single_outputs(R, "{model}"),
     log:
         log_path("textualization_single", "{model}"),
     benchmark:
@@ -97,9 +96,7 @@ rule textualization_group:
         scan=f"{R}/{{model}}/textualization/word_scan.h5",
         targets=f"{R}/{{model}}/textualization/target_words.csv",
     output:
-        groups=f"{R}/{{model}}/textualization/groups/k{{k}}.csv",
-        neurons=f"{R}/{{model}}/textualization/groups/k{{k}}-neurons.csv",
-        optimized=f"{R}/{{model}}/textualization/groups/k{{k}}.h5",
+        **textualization_dag.group_outputs(R, "{model}", "{k}"),
     log:
         log_path("textualization_group", "{model}/k{k}"),
     benchmark:

@@ -39,6 +39,8 @@ def params(config: Mapping[str, Any]) -> dict[str, Any]:
         "thresholds": dict(section["thresholds"]),
         "upper": dict(section["upper"]),
         "min_n": dict(section["min_n"]),
+        # what each model is, for the notes of claims made about a specific model (e.g. a pre-trained BERT-base)
+        "descriptions": {name: spec.get("description", "") for name, spec in config["models"].items()},
     }
 
 

@@ -4,11 +4,13 @@ params, paths, inputs, targets and resources. No heavy imports (the Snakefile im
 Rules (per model in `textualization.models`; paths under `{R}/{model}/textualization/`):
 
 - ``textualization_scan``     word_scan.h5: every candidate word alone between [CLS]/[SEP], each neuron's top words
-- ``textualization_targets``  target_words.csv: n_frequent frequent + n_random seeded random target words
-- ``textualization_single``   single/neurons.csv, optimized.h5, pca.parquet: the 10% sample, one input per neuron
-- ``textualization_group``    groups/k{k}.csv, k{k}-neurons.csv, k{k}.h5: one input per (selection, target word)
-- ``textualization_tables``   Tables 1–5 (+ trends) under {R}/tables/textualization/{model}/, Figs. 2–5 (+ convergence)
-                              under {R}/figures/textualization/{model}/
+- ``textualization_targets``  target_words.csv: listed or frequent words, then n_random seeded random target words
+- ``textualization_single``   single/neurons.csv, spaces.csv, init-sweep.csv, optimized.h5, pca.parquet: the 10%
+                              sample, one input per neuron (and per extra initialisation)
+- ``textualization_group``    groups/k{k}.csv, k{k}-spaces.csv, k{k}-neurons.csv, k{k}.h5: one input per
+                              (selection, target word)
+- ``textualization_tables``   Tables 1–5 (+ trends, init sweep) under {R}/tables/textualization/{model}/, Figs. 2–5
+                              (+ convergence) under {R}/figures/textualization/{model}/
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from neuronatlas.core.config import model_params, stats_shards
 from neuronatlas.core.errors import ConfigError, NeuronAtlasError
 
 SECTION = "textualization"
-TABLES = ("table1", "table2", "trends", "table3", "table4", "table5")
-SINGLE_TABLES = ("table1", "table2", "trends")
+TABLES = ("table1", "table2", "trends", "init_sweep", "table3", "table4", "table5")
+SINGLE_TABLES = ("table1", "table2", "trends", "init_sweep")
 GROUP_TABLES = ("table3", "table4", "table5")
 SINGLE_FIGURES = ("fig2_activation", "fig3_activation_per_layer", "fig4_cosine_per_layer", "fig5_pca", "convergence")
 GROUP_FIGURES = ("groups",)
@@ -68,8 +70,14 @@ def check_config(config: Mapping[str, Any]) -> None:
                 f"{SECTION}.groups.n_frequent",
                 "frequent target words need token counts; set groups.frequency_source to corpus or stats, or n_frequent: 0",
             )
-        if g["n_frequent"] + g["n_random"] < 1:
-            raise ConfigError(f"{SECTION}.groups.n_random", "no target words: n_random + n_frequent must be ≥ 1")
+        if g["words"] and g["n_frequent"] > 0:
+            raise ConfigError(
+                f"{SECTION}.groups.n_frequent",
+                f"{g['n_frequent']} frequent words and {len(g['words'])} listed words (groups.words): use one of the two "
+                "(set n_frequent: 0 to use the list)",
+            )
+        if g["n_frequent"] + g["n_random"] + len(g["words"]) < 1:
+            raise ConfigError(f"{SECTION}.groups.n_random", "no target words: n_random + n_frequent (or groups.words) must be ≥ 1")
         if g["frequency_source"] != "none" and g["n_frequent"] > 0:
             for m in sec["models"]:
                 d = frequency_dataset(config, m)
@@ -95,8 +103,8 @@ def check_config(config: Mapping[str, Any]) -> None:
 
 
 def _optimisation(sec: Mapping[str, Any]) -> dict[str, Any]:
-    keys = ("site", "optimizer", "lr", "steps", "init", "init_scale", "length", "batch_size", "history_every", "compare_space")
-    return {k: sec[k] for k in keys}
+    keys = ("site", "optimizer", "lr", "steps", "init", "init_scale", "length", "batch_size", "history_every", "clip_norm", "lr_decay")
+    return {**{k: sec[k] for k in keys}, "convergence": dict(sec["convergence"])}
 
 
 def _model(config: Mapping[str, Any], model: str) -> dict[str, Any]:
@@ -124,6 +132,8 @@ def targets_params(config: Mapping[str, Any], model: str) -> dict[str, Any]:
         "seed": config["seed"],
         "n_random": g["n_random"],
         "n_frequent": g["n_frequent"],
+        "frequent": dict(g["frequent"]),
+        "words": list(g["words"]),
         "exclude_subwords": g["exclude_subwords"],
         "frequency_source": g["frequency_source"] if g["n_frequent"] > 0 else "none",
         "frequency_dataset": d if g["n_frequent"] > 0 else None,
@@ -156,6 +166,7 @@ def single_params(config: Mapping[str, Any], model: str) -> dict[str, Any]:
         "seed": config["seed"],
         "fraction": s["fraction"],
         "shared_indices": s["shared_indices"],
+        "init_sweep": [dict(item) for item in s["init_sweep"]],
     }
 
 
@@ -178,6 +189,7 @@ def tables_params(config: Mapping[str, Any], model: str) -> dict[str, Any]:
     sec = config[SECTION]
     return {
         "model": model,
+        "description": config["models"][model].get("description") or "",
         "seed": config["seed"],
         "single_examples": sec["single"]["examples"],
         "group_examples": sec["groups"]["examples"],
@@ -188,6 +200,8 @@ def tables_params(config: Mapping[str, Any], model: str) -> dict[str, Any]:
         "optimizer": sec["optimizer"],
         "lr": sec["lr"],
         "steps": sec["steps"],
+        "convergence": dict(sec["convergence"]),
+        "divergence_tol": sec["divergence_tol"],
     }
 
 
@@ -220,18 +234,48 @@ def tables_inputs(config: Mapping[str, Any], results: str, model: str) -> dict[s
     d = model_dir(results, model)
     out: dict[str, Any] = {}
     if sec["single"]["enabled"]:
-        out.update(neurons=f"{d}/single/neurons.csv", optimized=f"{d}/single/optimized.h5", pca=f"{d}/single/pca.parquet")
+        out.update({name: f"{d}/single/{file}" for name, file in SINGLE_FILES.items()})
     if sec["groups"]["enabled"]:
         out["groups"] = [f"{d}/groups/k{k}.csv" for k in sec["groups"]["k"]]
+        out["group_spaces"] = [f"{d}/groups/k{k}-spaces.csv" for k in sec["groups"]["k"]]
     return out
 
 
+SINGLE_FILES = {
+    "neurons": "neurons.csv",
+    "spaces": "spaces.csv",
+    "init_sweep": "init-sweep.csv",
+    "optimized": "optimized.h5",
+    "pca": "pca.parquet",
+}
+
+
+def single_outputs(results: str, model: str) -> dict[str, str]:
+    """Outputs of the single-neuron job, by name."""
+    return {name: f"{model_dir(results, model)}/single/{file}" for name, file in SINGLE_FILES.items()}
+
+
+def group_outputs(results: str, model: str, k: str | int) -> dict[str, str]:
+    """Outputs of one group job, by name."""
+    base = f"{model_dir(results, model)}/groups/k{k}"
+    return {"groups": f"{base}.csv", "spaces": f"{base}-spaces.csv", "neurons": f"{base}-neurons.csv", "optimized": f"{base}.h5"}
+
+
 def claim_inputs(config: Mapping[str, Any]) -> dict[str, Any]:
-    """What the replication report reads of this method: each model's single-neuron results."""
-    if not config[SECTION]["single"]["enabled"]:
+    """What the replication report reads of this method: per model its single-neuron and group results."""
+    sec = config[SECTION]
+    if not has_tables(config) or not models(config):
         return {}
     results = config["results_dir"]
-    return {"single": {m: f"{model_dir(results, m)}/single/neurons.csv" for m in models(config)}}
+    out: dict[str, Any] = {"models": {}}
+    for m in models(config):
+        entry: dict[str, Any] = {}
+        if sec["single"]["enabled"]:
+            entry["single"] = {name: single_outputs(results, m)[name] for name in ("neurons", "spaces")}
+        if sec["groups"]["enabled"]:
+            entry["groups"] = {str(k): {n: group_outputs(results, m, k)[n] for n in ("groups", "spaces")} for k in sec["groups"]["k"]}
+        out["models"][m] = entry
+    return out
 
 
 def has_tables(config: Mapping[str, Any]) -> bool:

@@ -124,18 +124,53 @@ def textualization_targets(manifest: str, freq_inputs: Sequence[str], output: st
     tok = _load_tokenizer(man["tokenizer_path"])
     vocab = optimization.vocabulary_table(tok, man.get("special_ids", []))
     counts = _frequencies(tok, len(vocab), params, freq_inputs)
-    frame = optimization.choose_targets(vocab, counts, params["n_random"], params["n_frequent"], params["seed"], params["exclude_subwords"])
+    frame = optimization.choose_targets(
+        vocab,
+        counts,
+        params["n_random"],
+        params["n_frequent"],
+        params["seed"],
+        params["exclude_subwords"],
+        words=params.get("words", ()),
+        skip_top=params.get("frequent", {}).get("skip_top", 0),
+        min_length=params.get("frequent", {}).get("min_length", 1),
+    )
     tables.write_csv(output, frame)
     print(f"{len(frame)} target words: {', '.join(frame['token'].head(12))} ...")
     return frame
 
 
 def _ascent_kwargs(params: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: params[k] for k in ("steps", "lr", "optimizer", "init", "init_scale", "batch_size", "history_every")}
+    kwargs = {k: params[k] for k in ("steps", "lr", "optimizer", "init", "init_scale", "batch_size", "history_every")}
+    convergence = params.get("convergence", {})
+    kwargs.update(window=convergence.get("window", 0), tol=convergence.get("tol", 1e-3), stop=convergence.get("stop", False))
+    return {**kwargs, "clip_norm": params.get("clip_norm"), "lr_decay": params.get("lr_decay", 1.0)}
+
+
+def _ascent_columns(res: optimization.Optimized) -> dict[str, np.ndarray]:
+    """Per row: the objective at the start, at the best state (the reported one) and at the last, and the steps."""
+    return {
+        "act_initial": res.initial,
+        "act_optimized": res.activation,
+        "act_final": res.final,
+        "best_step": res.best_step,
+        "steps_run": res.steps_run,
+        "rising": res.rising,
+    }
+
+
+def _print_ascent(res: optimization.Optimized, what: str) -> None:
+    n = len(res.activation)
+    print(
+        f"{what}: {int(res.rising.sum())} of {n} still rising at the end, {int((res.best_step < res.steps_run).sum())} ended "
+        f"below their best; steps run median {int(np.median(res.steps_run)) if n else 0}",
+        flush=True,
+    )
 
 
 def textualization_single(manifest: str, scan_path: str, outputs: Mapping[str, str], params: Mapping[str, Any]) -> pd.DataFrame:
-    """Rule textualization_single: optimise one input per sampled neuron; compare with the most activating word."""
+    """Rule textualization_single: optimise one input per sampled neuron (and per extra initialisation); compare
+    each with its most activating word in every comparison space."""
     import torch
 
     from neuronatlas.textualization import optimization
@@ -148,46 +183,60 @@ def textualization_single(manifest: str, scan_path: str, outputs: Mapping[str, s
     index = np.array([i for _, i in neurons])
     flat = layers * tx.width + index
     targets = optimization.Targets.singles(layers, index)
-    print(f"optimising {len(neurons)} neurons ({len(neurons) // tx.n_layers} per layer) for {params['steps']} steps", flush=True)
-    res = optimization.maximise(
-        tx, targets, optimization.row_seeds(params["seed"], 1, flat), progress=True, desc="single neurons", **_ascent_kwargs(params)
-    )
+    seeds = optimization.row_seeds(params["seed"], 1, flat)
+    print(f"optimising {len(neurons)} neurons ({len(neurons) // tx.n_layers} per layer) for at most {params['steps']} steps", flush=True)
+    res = optimization.maximise(tx, targets, seeds, progress=True, desc="single neurons", **_ascent_kwargs(params))
+    _print_ascent(res, "single neurons")
 
-    space = params["compare_space"]
     cand = scan.candidates
-    static = torch.from_numpy(res.static).to(tx.device)
-    with torch.no_grad():
-        oi = tx.compare_vectors(static, space)
-        words = tx.word_vectors(cand, space)
-        top_ids, top_cos = optimization.closest_words(oi, words, cand, 3)
-        best = scan.argmax[layers, index]
-        best_vec = tx.word_vectors(best, space)
-        _, best_self = optimization.closest_words(best_vec, words, cand, 1)
-        best_rank = optimization.rank_of(oi, words, cand, best)
+    best = scan.argmax[layers, index]
     tok = vocab["token"].to_numpy()
-    frame = pd.DataFrame(
-        {
-            "neuron_id": flat,
-            "layer": layers,
-            "index": index,
-            "act_initial": res.initial,
-            "act_optimized": res.activation,
-            "word_id": best,
-            "word": tok[best],
-            "act_word": scan.max_act[layers, index],
-            "norm_optimized": oi.norm(dim=-1).cpu().numpy(),
-            "norm_word": best_vec.norm(dim=-1).cpu().numpy(),
-            "cos_closest": top_cos[:, 0],
-            "cos_word_closest": best_self[:, 0],
-            "closest_is_most_activating": top_ids[:, 0] == best,
-            "rank_of_most_activating": best_rank,
-        }
-    )
-    for j in range(top_ids.shape[1]):
-        frame[f"closest_{j + 1}_id"] = top_ids[:, j]
-        frame[f"closest_{j + 1}"] = tok[top_ids[:, j]]
-        frame[f"closest_{j + 1}_cos"] = top_cos[:, j]
+    static = torch.from_numpy(res.static).to(tx.device)
+    per_space, pca = [], []
+    for space in optimization.COMPARE_SPACES:
+        with torch.no_grad():
+            oi = tx.compare_vectors(static, space)
+            words = tx.word_vectors(cand, space)
+            top_ids, top_cos = optimization.closest_words(oi, words, cand, 3)
+            best_vec = tx.word_vectors(best, space)
+            _, best_self = optimization.closest_words(best_vec, words, cand, 1)
+            best_rank = optimization.rank_of(oi, words, cand, best)
+        part = pd.DataFrame(
+            {
+                "neuron_id": flat,
+                "space": space,
+                "norm_optimized": oi.norm(dim=-1).cpu().numpy(),
+                "norm_word": best_vec.norm(dim=-1).cpu().numpy(),
+                "cos_closest": top_cos[:, 0],
+                "cos_word_closest": best_self[:, 0],
+                "closest_is_most_activating": top_ids[:, 0] == best,
+                "rank_of_most_activating": best_rank,
+            }
+        )
+        for j in range(top_ids.shape[1]):
+            part[f"closest_{j + 1}_id"] = top_ids[:, j]
+            part[f"closest_{j + 1}"] = tok[top_ids[:, j]]
+            part[f"closest_{j + 1}_cos"] = top_cos[:, j]
+        per_space.append(part)
+        pca.append(_pca(tx, vocab, oi, layers, flat, space))
+    spaces = pd.concat(per_space, ignore_index=True)
+    frame = pd.DataFrame({"neuron_id": flat, "layer": layers, "index": index, **_ascent_columns(res), "word_id": best, "word": tok[best]})
+    frame["act_word"] = scan.max_act[layers, index]
     tables.write_csv(outputs["neurons"], frame)
+    tables.write_csv(outputs["spaces"], spaces)
+    sweep = [
+        frame[["neuron_id", "layer", "index", *_ascent_columns(res)]].assign(
+            init=params["init"], init_scale=params["init_scale"], main=True
+        )
+    ]
+    for item in params.get("init_sweep", []):
+        init, scale = item["init"], float(item.get("init_scale", 1.0))
+        kwargs = {**_ascent_kwargs(params), "init": init, "init_scale": scale}
+        other = optimization.maximise(tx, targets, seeds, progress=True, desc=f"init {init} x {scale:g}", **kwargs)
+        _print_ascent(other, f"init {init} x {scale:g}")
+        columns = {"neuron_id": flat, "layer": layers, "index": index, **_ascent_columns(other)}
+        sweep.append(pd.DataFrame(columns).assign(init=init, init_scale=scale, main=False))
+    tables.write_csv(outputs["init_sweep"], pd.concat(sweep, ignore_index=True))
     _write_h5(
         outputs["optimized"],
         {
@@ -195,23 +244,23 @@ def textualization_single(manifest: str, scan_path: str, outputs: Mapping[str, s
             "static": res.static,
             "neuron_id": flat,
             "activation": res.activation,
+            "final": res.final,
             "history_steps": res.history_steps,
             "history": res.history,
         },
-        {**res.attrs, "model": tx.lm.manifest["model"], "site": tx.site, "compare_space": space, "config_hash": config_hash(dict(params))},
+        {**res.attrs, "model": tx.lm.manifest["model"], "site": tx.site, "config_hash": config_hash(dict(params))},
     )
-    _write_pca(outputs["pca"], tx, vocab, oi, layers, flat, space)
-    print(
-        f"mean activation: optimised {res.activation.mean():.3f}, most activating word {frame['act_word'].mean():.3f}; "
-        f"mean cos to closest word {frame['cos_closest'].mean():.3f}"
-    )
+    with atomic_path(outputs["pca"], suffix=".parquet") as tmp:
+        pd.concat(pca, ignore_index=True).to_parquet(tmp, index=False)
+    print(f"mean activation: optimised {res.activation.mean():.3f}, most activating word {frame['act_word'].mean():.3f}")
+    for space, part in spaces.groupby("space"):
+        print(f"`{space}` space: mean cos to the closest word {part['cos_closest'].mean():.3f}")
     return frame
 
 
-def _write_pca(
-    path: str, tx: optimization.Textualizer, vocab: pd.DataFrame, oi: Any, layers: np.ndarray, flat: np.ndarray, space: str
-) -> None:
-    """PCA (2 components) of the optimised inputs together with every non-special vocabulary item (Fig. 5)."""
+def _pca(tx: optimization.Textualizer, vocab: pd.DataFrame, oi: Any, layers: np.ndarray, flat: np.ndarray, space: str) -> pd.DataFrame:
+    """PCA (2 components) of the optimised inputs together with every non-special vocabulary item in one
+    comparison space (Fig. 5)."""
     import torch
 
     keep = vocab.loc[~vocab["special"]]
@@ -233,9 +282,8 @@ def _write_pca(
         ],
         ignore_index=True,
     )
-    frame["explained_1"], frame["explained_2"] = explained[0], explained[1]
-    with atomic_path(path, suffix=".parquet") as tmp:
-        frame.to_parquet(tmp, index=False)
+    frame["explained_1"], frame["explained_2"], frame["space"] = explained[0], explained[1], space
+    return frame
 
 
 def textualization_group(
@@ -276,45 +324,59 @@ def textualization_group(
             )
     targets = optimization.Targets.groups(groups)
     seeds = optimization.row_seeds(params["seed"], 2, [int(k) * 10**7 + s_i * 10**6 + t for _, t, _, s_i in meta])
-    print(f"optimising {len(groups)} groups of k={k} ({', '.join(params['selections'])}) for {params['steps']} steps", flush=True)
+    print(f"optimising {len(groups)} groups of k={k} ({', '.join(params['selections'])}) for at most {params['steps']} steps", flush=True)
     res = optimization.maximise(tx, targets, seeds, progress=True, desc=f"groups k={k}", **_ascent_kwargs(params))
+    _print_ascent(res, f"groups k={k}")
 
-    space = params["compare_space"]
     cand = scan.candidates
     row_t = np.array([t for _, t, _, _ in meta], np.int64)
-    with torch.no_grad():
-        oi = tx.compare_vectors(torch.from_numpy(res.static).to(tx.device), space)
-        wv = tx.word_vectors(cand, space)
-        n_show = max(params["n_closest"], 1)
-        top_ids, top_cos = optimization.closest_words(oi, wv, cand, n_show)
-        tv = tx.word_vectors(row_t, space)
-        cos_t = torch.nn.functional.cosine_similarity(oi.float(), tv.float(), dim=-1).cpu().numpy()
-        ranks = optimization.rank_of(oi, wv, cand, row_t)
+    selection = [m[0] for m in meta]
+    static = torch.from_numpy(res.static).to(tx.device)
+    n_show = max(params["n_closest"], 1)
+    per_space = []
+    for space in optimization.COMPARE_SPACES:
+        with torch.no_grad():
+            oi = tx.compare_vectors(static, space)
+            wv = tx.word_vectors(cand, space)
+            top_ids, top_cos = optimization.closest_words(oi, wv, cand, n_show)
+            tv = tx.word_vectors(row_t, space)
+            cos_t = torch.nn.functional.cosine_similarity(oi.float(), tv.float(), dim=-1).cpu().numpy()
+            ranks = optimization.rank_of(oi, wv, cand, row_t)
+        per_space.append(
+            pd.DataFrame(
+                {
+                    "selection": selection,
+                    "token_id": row_t,
+                    "space": space,
+                    "cos_target": cos_t,
+                    "target_rank": ranks,
+                    "target_is_closest": ranks == 1,
+                    f"target_in_top_{params['top_n']}": ranks <= params["top_n"],
+                    "closest_id": top_ids[:, 0],
+                    "closest": tok[top_ids[:, 0]],
+                    "closest_cos": top_cos[:, 0],
+                    "closest_words": [
+                        closest_label(tok[top_ids[r, : params["n_closest"]]], top_cos[r, : params["n_closest"]]) for r in range(len(meta))
+                    ],
+                }
+            )
+        )
+    spaces = pd.concat(per_space, ignore_index=True)
     act_target = np.array([a_words[w_i, [layer * tx.width + i for layer, i in g]].mean() for (_, _, w_i, _), g in zip(meta, groups)])
     frame = pd.DataFrame(
         {
-            "selection": [m[0] for m in meta],
+            "selection": selection,
             "k": int(k),
             "token_id": row_t,
             "token": tok[row_t],
             "kind": words["kind"].to_numpy()[[m[2] for m in meta]],
-            "cos_target": cos_t,
-            "act_optimized": res.activation,
-            "act_initial": res.initial,
+            **_ascent_columns(res),
             "act_target": act_target,
-            "target_rank": ranks,
-            "target_is_closest": ranks == 1,
-            f"target_in_top_{params['top_n']}": ranks <= params["top_n"],
-            "closest_id": top_ids[:, 0],
-            "closest": tok[top_ids[:, 0]],
-            "closest_cos": top_cos[:, 0],
-            "closest_words": [
-                closest_label(tok[top_ids[r, : params["n_closest"]]], top_cos[r, : params["n_closest"]]) for r in range(len(meta))
-            ],
             "max_layer": [max(layer for layer, _ in g) for g in groups],
         }
     )
     tables.write_csv(outputs["groups"], frame)
+    tables.write_csv(outputs["spaces"], spaces.assign(k=int(k)))
     tables.write_csv(outputs["neurons"], pd.DataFrame(members))
     _write_h5(
         outputs["optimized"],
@@ -323,6 +385,7 @@ def textualization_group(
             "static": res.static,
             "token_id": row_t,
             "activation": res.activation,
+            "final": res.final,
             "history_steps": res.history_steps,
             "history": res.history,
         },
@@ -332,12 +395,12 @@ def textualization_group(
             "selections": ",".join(params["selections"]),
             "model": tx.lm.manifest["model"],
             "site": tx.site,
-            "compare_space": space,
             "config_hash": config_hash(dict(params)),
         },
     )
-    for sel, part in frame.groupby("selection", sort=False):
-        print(f"k={k} {sel}: cos(oi, target) {part['cos_target'].mean():.3f}; target closest {100 * part['target_is_closest'].mean():.0f}%")
+    for (sel, space), part in spaces.groupby(["selection", "space"], sort=False):
+        closest = 100 * part["target_is_closest"].mean()
+        print(f"k={k} {sel}, `{space}` space: cos(oi, target) {part['cos_target'].mean():.3f}; target closest {closest:.0f}%")
     return frame
 
 
@@ -345,26 +408,42 @@ def textualization_group(
 
 
 def textualization_tables(inputs: Mapping[str, Any], outputs: Mapping[str, str], params: Mapping[str, Any]) -> None:
-    """Rule textualization_tables: Tables 1–5 (CSV + markdown) and Figs. 2–5 of one model."""
+    """Rule textualization_tables: Tables 1–5 (CSV + markdown, every comparison space in 1, 3, 4), the trends,
+    the initialisation sweep and Figs. 2–5 of one model."""
     from neuronatlas.textualization import figures
-    from neuronatlas.textualization.paper_tables import group_tables, single_tables
+    from neuronatlas.textualization.paper_tables import group_tables, init_sweep_table, single_tables
 
-    model = params["model"]
-    setup = (
-        f"{model}, site {params['site']}, {params['optimizer']} lr {params['lr']}, {params['steps']} steps, "
-        f"vectors compared in the `{params['compare_space']}` space"
+    model, space, tol = params["model"], params["compare_space"], float(params["divergence_tol"])
+    convergence = params.get("convergence", {})
+    stopping = (
+        f"a row stops once its best rose by ≤ {convergence.get('tol', 0):g} × |best| over {convergence.get('window', 0)} steps"
+        if convergence.get("stop") and convergence.get("window")
+        else "every row runs all steps"
+    )
+    setup = f"{model}, site {params['site']}, {params['optimizer']} lr {params['lr']}, at most {params['steps']} steps ({stopping})"
+    reported = (
+        "Activations are those of the best state each ascent reached; 'ended below its best' counts ascents whose last "
+        f"state fell more than {tol:.0%} below it; 'still rising' those that had not converged by the last step. "
+        f"Model: {params.get('description') or model} (the paper: the pre-trained, not fine-tuned, bert-base-uncased)."
     )
     if inputs.get("neurons"):
-        neurons = pd.read_csv(inputs["neurons"], keep_default_na=False)
-        tabs = single_tables(neurons, params["single_examples"], params["seed"])
+        spaces = pd.read_csv(inputs["spaces"], keep_default_na=False)
+        neurons = in_space(pd.read_csv(inputs["neurons"], keep_default_na=False), spaces, space, ["neuron_id"])
+        tabs = single_tables(neurons, spaces, params["single_examples"], params["seed"], tol)
         _write_table(
             outputs["table1_csv"],
             outputs["table1_md"],
             tabs["table1"],
             f"Table 1 — single neurons ({setup})",
-            "optimized = the optimised input of each sampled neuron; word = its most activating vocabulary item.",
+            "optimized = the optimised input of each sampled neuron; word = its most activating vocabulary item; space = where "
+            f"vectors are compared with words. {reported}",
         )
-        _write_table(outputs["table2_csv"], outputs["table2_md"], tabs["table2"], f"Table 2 — closest words of example neurons ({model})")
+        _write_table(
+            outputs["table2_csv"],
+            outputs["table2_md"],
+            tabs["table2"],
+            f"Table 2 — closest words of example neurons ({model}, `{space}` space)",
+        )
         _write_table(
             outputs["trends_csv"],
             outputs["trends_md"],
@@ -372,22 +451,35 @@ def textualization_tables(inputs: Mapping[str, Any], outputs: Mapping[str, str],
             f"Trends over layers (OLS on layer, {model})",
             "beta: change per layer; t = beta / SE with df = n - 2; p two-sided.",
         )
+        sweep = pd.read_csv(inputs["init_sweep"], keep_default_na=False)
+        _write_table(
+            outputs["init_sweep_csv"],
+            outputs["init_sweep_md"],
+            init_sweep_table(sweep, neurons.set_index("neuron_id")["act_word"], tol),
+            f"Initialisations of the single-neuron ascent ({setup})",
+            "main = the configured textualization.init; word_over_optimized = mean activation of the most activating words / "
+            f"of the optimised inputs. {reported}",
+        )
         pca = pd.read_parquet(inputs["pca"])
+        pca = pca.loc[pca.space == space]
         hist = _history(inputs["optimized"])
+        shown_trends = tabs["trends"].loc[tabs["trends"]["space"].isin(["", space])]
         figures.activation_strength(neurons, outputs["fig2_activation"], model)
-        figures.activation_per_layer(neurons, tabs["trends"], outputs["fig3_activation_per_layer"], model)
-        figures.cosine_per_layer(neurons, tabs["trends"], outputs["fig4_cosine_per_layer"], model)
+        figures.activation_per_layer(neurons, shown_trends, outputs["fig3_activation_per_layer"], model)
+        figures.cosine_per_layer(neurons, shown_trends, outputs["fig4_cosine_per_layer"], model)
         figures.pca(pca, outputs["fig5_pca"], model)
         figures.convergence(hist, neurons, outputs["convergence"], model)
     if inputs.get("groups"):
+        spaces = pd.concat([pd.read_csv(p, keep_default_na=False) for p in inputs["group_spaces"]], ignore_index=True)
         groups = pd.concat([pd.read_csv(p, keep_default_na=False) for p in inputs["groups"]], ignore_index=True)
-        tabs, ek = group_tables(groups, params["top_n"], params["group_examples"], params["example_k"])
+        groups = in_space(groups, spaces, space, ["selection", "k", "token_id"])
+        tabs, ek = group_tables(groups, spaces, params["top_n"], params["group_examples"], params["example_k"], tol, space)
         _write_table(
             outputs["table3_csv"],
             outputs["table3_md"],
             tabs["table3"],
             f"Table 3 — groups of neurons ({setup})",
-            "cos_target: cosine of the optimised input to the target word; act_*: mean activation over the group's neurons.",
+            "cos_target: cosine of the optimised input to the target word; act_*: mean activation over the group's neurons. " + reported,
         )
         _write_table(
             outputs["table4_csv"],
@@ -403,11 +495,20 @@ def textualization_tables(inputs: Mapping[str, Any], outputs: Mapping[str, str],
             outputs["table5_csv"],
             outputs["table5_md"],
             t5,
-            f"Table 5 — closest words of optimised group inputs, k = {ek} ({model})",
+            f"Table 5 — closest words of optimised group inputs, k = {ek} ({model}, `{space}` space)",
             f"The first {len(shown)} target words of the relative selection; {len(t5)} rows in the CSV.",
             shown,
         )
-        figures.groups(tabs["table3"], tabs["table4"], params["top_n"], outputs["groups"], model)
+        shown_tables = {name: tabs[name].loc[tabs[name].space == space] for name in ("table3", "table4")}
+        figures.groups(shown_tables["table3"], shown_tables["table4"], params["top_n"], outputs["groups"], model)
+
+
+def in_space(frame: pd.DataFrame, spaces: pd.DataFrame, space: str, keys: list[str]) -> pd.DataFrame:
+    """The rows of `frame` with their comparison to words in one space (the columns of `spaces` for `space`)."""
+    chosen = spaces.loc[spaces.space == space].drop(columns=["space"])
+    if chosen.empty:
+        raise NeuronAtlasError(f"no comparison in the `{space}` space (textualization.compare_space); re-run the optimisation jobs")
+    return frame.merge(chosen, on=keys, how="left", validate="one_to_one")
 
 
 def _write_table(csv: str, md: str, frame: pd.DataFrame, title: str, note: str | None = None, shown: pd.DataFrame | None = None) -> None:

@@ -99,32 +99,56 @@ def target_pool(vocab: pd.DataFrame, exclude_subwords: bool) -> pd.DataFrame:
 
 
 def choose_targets(
-    vocab: pd.DataFrame, counts: np.ndarray | None, n_random: int, n_frequent: int, seed: int, exclude_subwords: bool
+    vocab: pd.DataFrame,
+    counts: np.ndarray | None,
+    n_random: int,
+    n_frequent: int,
+    seed: int,
+    exclude_subwords: bool,
+    words: Sequence[str] = (),
+    skip_top: int = 0,
+    min_length: int = 1,
 ) -> pd.DataFrame:
-    """The target words: the `n_frequent` most frequent whole words, then `n_random` seeded draws from the rest.
+    """The target words: the listed `words` or the `n_frequent` words of the frequency band, then `n_random`
+    seeded draws from the rest of the pool.
 
-    `counts[token_id]` are corpus frequencies (needed when n_frequent > 0). Frequent words are whole
-    alphabetic Latin words (no ## pieces), ties broken by token id. Columns: token_id, token, kind, count.
+    The band: whole alphabetic Latin words (no ## pieces) of at least `min_length` letters, ranked by
+    `counts[token_id]` (corpus frequencies; ties by token id), after the `skip_top` most frequent whole words of
+    any length (the function words). Listed words must each be one vocabulary item. Columns: token_id, token,
+    kind (listed, frequent, random), count.
     """
     pool = target_pool(vocab, exclude_subwords)
+    c = np.zeros(len(vocab), dtype=np.int64)
+    if counts is not None:
+        c[: min(len(counts), len(c))] = counts[: len(c)]
     chosen: list[tuple[int, str, str, int]] = []
+    if words:
+        by_token = dict(zip(vocab["token"], vocab["token_id"]))
+        unknown = [w for w in words if w not in by_token]
+        if unknown:
+            raise ConfigError(
+                "textualization.groups.words",
+                f"{', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not a single item of the model's "
+                "vocabulary; list words the tokenizer keeps whole (check with tokenizer.tokenize)",
+            )
+        chosen += [(int(by_token[w]), w, "listed", int(c[by_token[w]])) for w in words]
     if n_frequent:
         if counts is None:
             raise NeuronAtlasError("frequent target words need token frequencies (textualization.groups.frequency_source)")
-        words = pool.loc[pool["word"]]
-        c = np.zeros(len(vocab), dtype=np.int64)
-        c[: min(len(counts), len(c))] = counts[: len(c)]
-        wc = c[words["token_id"].to_numpy()]
-        order = np.lexsort((words["token_id"].to_numpy(), -wc))
-        top = order[:n_frequent]
-        top = top[wc[top] > 0]
+        whole = pool.loc[pool["word"]]
+        wc = c[whole["token_id"].to_numpy()]
+        ranked = np.lexsort((whole["token_id"].to_numpy(), -wc))
+        ranked = ranked[wc[ranked] > 0][skip_top:]
+        long_enough = whole["token"].str.len().to_numpy()[ranked] >= min_length
+        top = ranked[long_enough][:n_frequent]
         if len(top) < n_frequent:
             raise NeuronAtlasError(
-                f"only {len(top)} whole words occur in the frequency source, {n_frequent} frequent target words "
-                "were asked for (textualization.groups.n_frequent); use a larger corpus or fewer frequent words"
+                f"only {len(top)} whole words of ≥ {min_length} letters occur in the frequency source after its {skip_top} most "
+                f"frequent ones, {n_frequent} frequent target words were asked for (textualization.groups.n_frequent); use a "
+                "larger corpus, fewer frequent words or a smaller groups.frequent.skip_top"
             )
         for i in top:
-            row = words.iloc[int(i)]
+            row = whole.iloc[int(i)]
             chosen.append((int(row["token_id"]), row["token"], "frequent", int(wc[i])))
     taken = {t for t, *_ in chosen}
     rest = pool.loc[~pool["token_id"].isin(taken)]
@@ -135,8 +159,7 @@ def choose_targets(
     for i in pick:
         row = rest.iloc[int(i)]
         tid = int(row["token_id"])
-        cnt = int(counts[tid]) if counts is not None and tid < len(counts) else 0
-        chosen.append((tid, row["token"], "random", cnt))
+        chosen.append((tid, row["token"], "random", int(c[tid])))
     return pd.DataFrame(chosen, columns=["token_id", "token", "kind", "count"])
 
 
@@ -404,15 +427,84 @@ def order_rows(targets: Targets) -> np.ndarray:
 
 @dataclass
 class Optimized:
-    """Result of activation maximisation, one row per target row (in the caller's order)."""
+    """Result of activation maximisation, one row per target row (in the caller's order).
 
-    x: np.ndarray  # (B, l, V) optimised one-hot-space inputs
-    static: np.ndarray  # (B, l, d) their static embeddings x·W_emb
-    activation: np.ndarray  # (B,) objective at the final x
+    `x` is the best input each row reached (the reported one), not necessarily its last: plain SGD at a large
+    learning rate can overshoot and fall back. `final` and `x_final` are the last state, so a caller can see
+    how far it fell.
+    """
+
+    x: np.ndarray  # (B, l, V) the best input found per row
+    static: np.ndarray  # (B, l, d) its static embedding x·W_emb
+    activation: np.ndarray  # (B,) objective at x
+    final: np.ndarray  # (B,) objective at the last state of the row
+    x_final: np.ndarray  # (B, l, V) the last state of the row
     initial: np.ndarray  # (B,) objective at x₀
+    best_step: np.ndarray  # (B,) updates applied to reach x (0 = x₀ itself)
+    steps_run: np.ndarray  # (B,) updates applied before the row stopped (`steps` unless it converged earlier)
+    rising: np.ndarray  # (B,) bool: still rising at the end (best rose by more than tol × |best| over the last window)
     history_steps: np.ndarray  # (H,) step numbers of the recorded trace
-    history: np.ndarray  # (H, B) objective during the ascent (before the update of that step)
+    history: np.ndarray  # (H, B) objective of each row's state after that many updates (frozen once it stopped)
     attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long each row climbs and how: `steps` at most; a row stops once its best objective has risen by at
+    most `tol` × |best| over the last `window` steps (when `stop`); optional per-row gradient clipping (the
+    norm of the gradient with respect to x) and a per-step learning-rate decay factor (the paper uses neither)."""
+
+    steps: int
+    window: int = 100
+    tol: float = 1e-3
+    stop: bool = True
+    clip_norm: float | None = None
+    lr_decay: float = 1.0
+
+
+class _Progress:
+    """Per-row bookkeeping of an ascent: best value and step, convergence window, last value, stop step."""
+
+    def __init__(self, n: int, schedule: Schedule, hist_steps: np.ndarray):
+        self.schedule = schedule
+        self.best = np.full(n, -np.inf)
+        self.best_step = np.zeros(n, np.int64)
+        self.last = np.zeros(n)
+        self.window = np.zeros((max(schedule.window, 1), n))  # best value of the last `window` states, by step mod window
+        self.stopped_at = np.full(n, -1, np.int64)
+        self.trace = np.zeros((len(hist_steps), n), np.float32)
+        self.record_at = {int(s): i for i, s in enumerate(hist_steps)}
+
+    def observe(self, step: int, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """Values of the states of `rows` after `step` updates; returns the mask (over `rows`) of new bests."""
+        self.last[rows] = values
+        improved = values > self.best[rows]
+        self.best[rows[improved]] = values[improved]
+        self.best_step[rows[improved]] = step
+        return improved
+
+    def converged(self, step: int, rows: np.ndarray) -> np.ndarray:
+        """Mask over `rows`: best risen by at most tol × |best| over the last `window` steps (False before a full window)."""
+        w = self.schedule.window
+        slot = step % max(w, 1)
+        if w == 0 or step < w:
+            if w:
+                self.window[slot, rows] = self.best[rows]
+            return np.zeros(len(rows), bool)
+        before = self.window[slot, rows]
+        self.window[slot, rows] = self.best[rows]
+        return self.best[rows] - before <= self.schedule.tol * np.maximum(np.abs(before), 1e-12)
+
+    def record(self, step: int) -> None:
+        """Copy every row's current value into the trace when `step` is a recorded step."""
+        if step in self.record_at:
+            self.trace[self.record_at[step]] = self.last
+
+    def finish(self, step: int) -> None:
+        """Every row stopped after `step`: the recorded steps after it keep their (frozen) values."""
+        for recorded, i in self.record_at.items():
+            if recorded > step:
+                self.trace[i] = self.last
 
 
 def maximise(
@@ -427,21 +519,40 @@ def maximise(
     init_scale: float = 1.0,
     batch_size: int = 256,
     history_every: int = 50,
+    window: int = 0,
+    tol: float = 1e-3,
+    stop: bool = False,
+    clip_norm: float | None = None,
+    lr_decay: float = 1.0,
     progress: bool = True,
     desc: str = "ascent",
 ) -> Optimized:
-    """Gradient ascent on each row's objective with all weights frozen; rows are batched (independent of batching)."""
+    """Gradient ascent on each row's objective with all weights frozen; rows are batched (independent of batching).
+
+    Every row keeps the best input it reached. With `window` > 0 a row counts as still rising when its best
+    rose by more than `tol` × |best| over its last `window` steps, and with `stop` it stops climbing as soon as
+    it no longer rises (its input is frozen, the other rows go on).
+    """
     if optimizer not in (*OPTIMIZERS, "sgd-explicit"):
         raise ConfigError("textualization.optimizer", f"{optimizer!r} is not allowed; allowed values: {', '.join(OPTIMIZERS)}")
     B = targets.n_rows
     if len(seeds) != B:
         raise NeuronAtlasError(f"internal: {len(seeds)} seeds for {B} rows")
+    schedule = Schedule(int(steps), int(window), float(tol), bool(stop and window > 0), clip_norm, float(lr_decay))
     order = order_rows(targets)
     hist_steps = np.array(sorted(set(range(0, steps, max(1, history_every))) | {steps}), dtype=np.int64)
-    x_out = np.zeros((B, tx.length, tx.vocab_size), np.float32)
-    st_out = np.zeros((B, tx.length, tx.d), np.float32)
-    act_out = np.zeros(B, np.float32)
-    init_out = np.zeros(B, np.float32)
+    shape_x, shape_e = (B, tx.length, tx.vocab_size), (B, tx.length, tx.d)
+    out = {
+        "x": np.zeros(shape_x, np.float32),
+        "x_final": np.zeros(shape_x, np.float32),
+        "static": np.zeros(shape_e, np.float32),
+        "activation": np.zeros(B, np.float32),
+        "final": np.zeros(B, np.float32),
+        "initial": np.zeros(B, np.float32),
+        "best_step": np.zeros(B, np.int64),
+        "steps_run": np.zeros(B, np.int64),
+        "rising": np.zeros(B, bool),
+    }
     hist = np.zeros((len(hist_steps), B), np.float32)
     chunks = [order[i : i + batch_size] for i in range(0, B, batch_size)]
     bar = None
@@ -451,70 +562,157 @@ def maximise(
         bar = tqdm(total=steps * len(chunks), desc=desc, unit="step", mininterval=5.0)
     for rows in chunks:
         sub = targets.subset(rows)
-        x, trace = _ascend(tx, sub, [seeds[r] for r in rows], steps, lr, optimizer, init, init_scale, hist_steps, bar)
+        x0 = tx.init_inputs([seeds[r] for r in rows], init, init_scale)
+        climb = _ascend_embedding if optimizer == "sgd" else _ascend_inputs
+        x_best, x_last, state = climb(tx, sub, x0, lr, optimizer, schedule, hist_steps, bar)
         with torch.no_grad():
-            static = tx.static(x)
-            final = tx.objective(static, sub)
-        x_out[rows] = x.cpu().numpy()
-        st_out[rows] = static.cpu().numpy()
-        act_out[rows] = final.cpu().numpy()
-        init_out[rows] = trace[0]
-        hist[:, rows] = trace
-        hist[-1, rows] = final.cpu().numpy()
+            static = tx.static(x_best)
+            best = tx.objective(static, sub)
+        out["x"][rows] = x_best.cpu().numpy()
+        out["x_final"][rows] = x_last.cpu().numpy()
+        out["static"][rows] = static.cpu().numpy()
+        out["activation"][rows] = best.cpu().numpy()
+        steps_run = np.where(state.stopped_at >= 0, state.stopped_at, steps)
+        # when the best state is the last, both are the same input: one value (the one recomputed from x)
+        out["final"][rows] = np.where(state.best_step == steps_run, out["activation"][rows], state.last)
+        out["initial"][rows] = state.trace[0]
+        out["best_step"][rows] = state.best_step
+        out["steps_run"][rows] = steps_run
+        out["rising"][rows] = _still_rising(state, steps) & (state.stopped_at < 0)
+        hist[:, rows] = state.trace
     if bar is not None:
         bar.close()
-    attrs = {"steps": steps, "lr": lr, "optimizer": optimizer, "init": init, "init_scale": init_scale, "batch_size": batch_size}
-    return Optimized(x_out, st_out, act_out, init_out, hist_steps, hist, attrs)
+    attrs = {
+        "steps": steps,
+        "lr": lr,
+        "optimizer": optimizer,
+        "init": init,
+        "init_scale": init_scale,
+        "batch_size": batch_size,
+        "window": schedule.window,
+        "tol": schedule.tol,
+        "stop": schedule.stop,
+        "clip_norm": "none" if clip_norm is None else float(clip_norm),
+        "lr_decay": schedule.lr_decay,
+    }
+    return Optimized(**out, history_steps=hist_steps, history=hist, attrs=attrs)
 
 
-def _ascend(
-    tx: Textualizer,
-    targets: Targets,
-    seeds: Sequence[int],
-    steps: int,
-    lr: float,
-    optimizer: str,
-    init: str,
-    init_scale: float,
-    hist_steps: np.ndarray,
-    bar: Any,
-) -> tuple[torch.Tensor, np.ndarray]:
-    """Run the ascent for one batch (rows ordered by depth); returns the final x and the objective trace."""
-    x0 = tx.init_inputs(seeds, init, init_scale)
-    trace = np.zeros((len(hist_steps), targets.n_rows), np.float32)
-    record_at = {int(s): i for i, s in enumerate(hist_steps)}
-    if optimizer == "sgd":
-        gram = tx.gram()
+def _still_rising(state: _Progress, steps: int) -> np.ndarray:
+    """Rows whose best rose by more than tol × |best| over the last `window` of `steps` steps (window 0: none).
+
+    Meaningful for rows that ran every step (a stopped row's window is no longer kept up to date)."""
+    w = state.schedule.window
+    if w == 0:
+        return np.zeros(len(state.best), bool)
+    before = state.trace[0].astype(np.float64) if steps < w else state.window[steps % w]  # a short run: from the start
+    return state.best - before > state.schedule.tol * np.maximum(np.abs(before), 1e-12)
+
+
+def _step_size(schedule: Schedule, lr: float, step: int) -> float:
+    return lr * schedule.lr_decay**step
+
+
+def _ascend_embedding(
+    tx: Textualizer, targets: Targets, x0: torch.Tensor, lr: float, optimizer: str, schedule: Schedule, hist_steps: np.ndarray, bar: Any
+) -> tuple[torch.Tensor, torch.Tensor, _Progress]:
+    """Plain SGD on x, run exactly in the embedding space (rows ordered by depth): the best and the last x."""
+    state = _Progress(targets.n_rows, schedule, hist_steps)
+    gram = tx.gram()
+    with torch.no_grad():
+        e = tx.static(x0)
+    gsum = torch.zeros_like(e)  # x = x₀ + gsum·Wᵀ
+    best_gsum = torch.zeros_like(e)
+    active = np.arange(targets.n_rows)
+    sub = targets
+    for step in range(schedule.steps + 1):
+        index = torch.as_tensor(active, device=e.device)
+        part = e[index].requires_grad_(step < schedule.steps)
+        obj = tx.objective(part, sub)
+        values = obj.detach().cpu().numpy().astype(np.float64)
+        better = index[torch.as_tensor(state.observe(step, active, values), device=e.device)]
+        best_gsum[better] = gsum[better]
+        state.record(step)
+        if step == schedule.steps:
+            break
+        done = state.converged(step, active) if schedule.window else np.zeros(len(active), bool)
+        (g,) = torch.autograd.grad(obj.sum(), part)
         with torch.no_grad():
-            e = tx.static(x0)
-        gsum = torch.zeros_like(e)
-        for step in range(steps):
-            e.requires_grad_(True)
-            obj = tx.objective(e, targets)
-            (g,) = torch.autograd.grad(obj.sum(), e)
-            with torch.no_grad():
-                e = e.detach() + lr * (g @ gram)
-                gsum += g
-            if step in record_at:
-                trace[record_at[step]] = obj.detach().cpu().numpy()
-            if bar is not None:
-                bar.update(1)
-        with torch.no_grad():
-            x = x0 + lr * (gsum @ tx.W.T)
-        return x, trace
-    x = x0.clone().requires_grad_(True)
-    # "sgd-explicit": plain SGD on x itself (the reference the exact embedding-space update is checked against)
-    opt = torch.optim.SGD([x], lr=lr) if optimizer == "sgd-explicit" else torch.optim.Adam([x], lr=lr)
-    for step in range(steps):
-        obj = tx.objective(tx.static(x), targets)
-        opt.zero_grad(set_to_none=True)
-        (-obj.sum()).backward()
-        opt.step()
-        if step in record_at:
-            trace[record_at[step]] = obj.detach().cpu().numpy()
+            update = g @ gram
+            if schedule.clip_norm is not None:  # |∂f/∂x|² = g·(g WᵀW) per row
+                norm = (g * update).sum(dim=(1, 2)).clamp_min(0).sqrt()
+                scale = (schedule.clip_norm / norm.clamp_min(1e-12)).clamp(max=1.0).view(-1, 1, 1)
+                update, g = update * scale, g * scale
+            size = _step_size(schedule, lr, step)
+            go = torch.as_tensor(~done if schedule.stop else np.ones(len(active), bool), device=e.device)
+            e[index[go]] = part.detach()[go] + size * update[go]
+            gsum[index[go]] += size * g[go]
+        if schedule.stop and done.any():
+            state.stopped_at[active[done]] = step
+            active = active[~done]
+            sub = targets.subset(active)
         if bar is not None:
             bar.update(1)
-    return x.detach(), trace
+        if len(active) == 0:
+            state.finish(step)
+            if bar is not None:
+                bar.update(schedule.steps - step - 1)
+            break
+    with torch.no_grad():
+        x_best = x0 + best_gsum @ tx.W.T
+        x_last = x0 + gsum @ tx.W.T
+    return x_best, x_last, state
+
+
+def _ascend_inputs(
+    tx: Textualizer, targets: Targets, x0: torch.Tensor, lr: float, optimizer: str, schedule: Schedule, hist_steps: np.ndarray, bar: Any
+) -> tuple[torch.Tensor, torch.Tensor, _Progress]:
+    """Adam on x, or plain SGD on x itself ("sgd-explicit", the reference of the embedding-space update)."""
+    state = _Progress(targets.n_rows, schedule, hist_steps)
+    x = x0.clone().requires_grad_(True)
+    best_x = x0.clone()
+    opt = torch.optim.SGD([x], lr=lr) if optimizer == "sgd-explicit" else torch.optim.Adam([x], lr=lr)
+    frozen = torch.zeros(targets.n_rows, dtype=torch.bool, device=x.device)
+    active = np.arange(targets.n_rows)
+    sub = targets
+    for step in range(schedule.steps + 1):
+        index = torch.as_tensor(active, device=x.device)
+        with torch.set_grad_enabled(step < schedule.steps):
+            obj = tx.objective(tx.static(x[index]), sub)
+        values = obj.detach().cpu().numpy().astype(np.float64)
+        better = index[torch.as_tensor(state.observe(step, active, values), device=x.device)]
+        with torch.no_grad():
+            best_x[better] = x[better]
+        state.record(step)
+        if step == schedule.steps:
+            break
+        done = state.converged(step, active) if schedule.window else np.zeros(len(active), bool)
+        opt.zero_grad(set_to_none=True)
+        (-obj.sum()).backward()
+        if schedule.clip_norm is not None:
+            with torch.no_grad():
+                norm = x.grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+                x.grad *= (schedule.clip_norm / norm).clamp(max=1.0).view(-1, 1, 1)
+        for group in opt.param_groups:
+            group["lr"] = _step_size(schedule, lr, step)
+        if schedule.stop and done.any():
+            frozen[index[torch.as_tensor(done, device=x.device)]] = True
+        kept = x.detach()[frozen].clone()
+        opt.step()
+        with torch.no_grad():  # a stopped row keeps its input (Adam's momentum would still move it)
+            x[frozen] = kept
+        if schedule.stop and done.any():
+            state.stopped_at[active[done]] = step
+            active = active[~done]
+            sub = targets.subset(active)
+        if bar is not None:
+            bar.update(1)
+        if len(active) == 0:
+            state.finish(step)
+            if bar is not None:
+                bar.update(schedule.steps - step - 1)
+            break
+    return best_x, x.detach(), state
 
 
 # ----------------------------------------------------------------------------- brute force over the vocabulary
