@@ -34,6 +34,7 @@ demo: setup
 	$(BIN)/snakemake --profile profiles/default --cores $(CORES) --report results/report.html
 	$(BIN)/python -m neuronatlas.cli summary
 	@echo "report: $(CURDIR)/results/report.html"
+	@echo "neuron atlas: $(CURDIR)/results/atlas/index.html (open it in a browser from disk)"
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -32,6 +32,7 @@ include: "workflow/rules/n2g.smk"
 include: "workflow/rules/textualization.smk"
 include: "workflow/rules/modularity.smk"
 include: "workflow/rules/replication.smk"
+include: "workflow/rules/atlas.smk"
 
 
 report: "workflow/report/workflow.rst"

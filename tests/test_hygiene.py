@@ -25,9 +25,9 @@ REPO = helpers.REPO
 CONFIGS = {"demo": REPO / "config" / "demo.yaml", "replicate": REPO / "config" / "replicate.yaml", "full": REPO / "config" / "config.yaml"}
 ENVS = {"cpu": REPO / "envs" / "cpu.yaml", "cuda": REPO / "envs" / "cuda.yaml"}
 # pinned in requirements.txt but not needed by any rule: the workflow engine and plugin run outside the
-# job environments, pytest and the MoEfication reference (k-means-constrained) only in tests/benchmarks, the
-# linters only in `make lint`
-NOT_IN_JOB_ENVS = {"snakemake", "snakemake-executor-plugin-slurm", "pytest", "k-means-constrained", "ruff", "snakefmt", "black"}
+# job environments, pytest, selenium (the atlas page test) and the MoEfication reference (k-means-constrained)
+# only in tests/benchmarks, the linters only in `make lint`
+NOT_IN_JOB_ENVS = {"snakemake", "snakemake-executor-plugin-slurm", "pytest", "selenium", "k-means-constrained", "ruff", "snakefmt", "black"}
 
 
 def _pins(path: Path) -> dict[str, str]:
@@ -214,6 +214,7 @@ def expected_job_counts(cfg: dict) -> dict[str, int]:
 
     One row per rule; each method adds its rows here.
     """
+    from neuronatlas.atlas import dag as atlas_dag
     from neuronatlas.clusters import dag as clusters_dag
     from neuronatlas.intervention import dag as intervention_dag
     from neuronatlas.modularity import dag as modularity_dag
@@ -274,6 +275,11 @@ def expected_job_counts(cfg: dict) -> dict[str, int]:
     # replication: one report
     if cfg["replication"]["enabled"]:
         counts["replication_claims"] = 1
+    # atlas: one examples job per (model, text dataset), one chunk job per (model, text dataset, site), one index
+    if atlas_dag.enabled(cfg):
+        counts["atlas_examples"] = len(atlas_dag.pairs(cfg))
+        counts["atlas_site"] = len(atlas_dag.grid(cfg))
+        counts["atlas_index"] = 1
     # textualization: per model one word scan and one tables job; the single-neuron experiment
     # one job; the group experiment one target-word job and one job per k
     tx = cfg["textualization"]

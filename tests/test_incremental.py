@@ -132,19 +132,34 @@ CASES = [
             or j.rule in ("prepare_model", "shard_corpus")
         ),
     ),
-    # a per-neuron explanation setting (N2G): its layer jobs and table only
+    # a per-neuron explanation setting (N2G): its layer jobs and table only (and the atlas pages showing them)
     Case(
         "n2g-setting",
         _set("n2g.random_eval_windows", 3),
         seeds=lambda j: j.rule == "n2g_layer",
-        forbid=lambda j: not j.rule.startswith("n2g_") and j.rule != "all",
+        forbid=lambda j: not j.rule.startswith(("n2g_", "atlas_")) and j.rule != "all",
     ),
-    # a textualization setting: the optimisation jobs of that model, not the activation scan
+    # a textualization setting: the optimisation jobs of that model, not the activation scan (and what reads their
+    # results: the atlas pages and the replication report)
     Case(
         "textualization-steps",
         _set("textualization.steps", 6),
         seeds=lambda j: j.rule in ("textualization_single", "textualization_group"),
-        forbid=lambda j: not j.rule.startswith("textualization_") and j.rule != "all",
+        forbid=lambda j: not j.rule.startswith(("textualization_", "atlas_")) and j.rule not in ("all", "replication_claims"),
+    ),
+    # atlas settings: the context shown re-runs the example windows (and their chunks), the numbers' digits only
+    # the chunks; nothing upstream
+    Case(
+        "atlas-context",
+        _set("atlas.context", 4),
+        seeds=lambda j: j.rule == "atlas_examples",
+        forbid=lambda j: not j.rule.startswith("atlas_") and j.rule != "all",
+    ),
+    Case(
+        "atlas-digits",
+        _set("atlas.digits", 3),
+        seeds=lambda j: j.rule == "atlas_site",
+        forbid=lambda j: not j.rule.startswith("atlas_") and j.rule != "all",
     ),
     # a new (model, dataset) pair: its extraction and what aggregates over the grid, nothing of the others
     # (the MLM head keeps its training data: `notes` has no eval_shards for its held-out metrics)

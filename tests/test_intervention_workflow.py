@@ -84,7 +84,8 @@ def test_dag_csv_equals_direct_library_computation(tiny_dag):
 def _dry_run_jobs(work: Path, cfg: dict) -> set[str]:
     (work / "edited.yaml").write_text(yaml.safe_dump(cfg))
     proc = helpers.snakemake(work, "-n", "--quiet", "rules", configfile="edited.yaml")
-    return set(re.findall(r"^(\w+)\s+\d+\s*$", proc.stdout, flags=re.M)) - {"total", "all"}
+    jobs = set(re.findall(r"^(\w+)\s+\d+\s*$", proc.stdout, flags=re.M)) - {"total", "all"}
+    return {rule for rule in jobs if not rule.startswith("atlas_")}  # the atlas shows every result: checked in test_atlas
 
 
 def test_config_edits_rerun_only_the_affected_intervention_dag(tiny_dag, tokenizers):

@@ -377,7 +377,7 @@ def test_importing_the_dag_modules_loads_no_torch():
     import subprocess
     import sys
 
-    methods = ("activations", "clusters", "intervention", "n2g", "textualization", "modularity")
+    methods = ("activations", "clusters", "intervention", "n2g", "textualization", "modularity", "atlas")
     code = f"import sys; import {', '.join(f'neuronatlas.{m}.dag' for m in methods)}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"

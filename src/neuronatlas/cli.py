@@ -9,6 +9,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from neuronatlas.atlas import dag as atlas_dag
+
 
 def _results_dir(configfile: str | None) -> Path:
     from neuronatlas.core import config as core_config
@@ -30,6 +32,10 @@ def summary(configfile: str | None = None) -> int:
     report = results / "report.html"
     if report.exists():
         print(f"Report: {report.resolve()}")
+    atlas = Path(atlas_dag.index_outputs(str(results))["html"])
+    if atlas.exists():
+        atlas_mb = sum(p.stat().st_size for p in atlas.parent.rglob("*") if p.is_file()) / 2**20
+        print(f"Neuron atlas: {atlas.resolve()} ({atlas_mb:.1f} MiB; open it in a browser, no server needed)")
     print("\nActivation statistics (one stats.h5 per model x dataset x site):")
     cols = ["model", "dataset", "site", "layers", "width", "documents", "tokens", "distinct_token_ids"]
     print(frame[cols].to_string(index=False))
