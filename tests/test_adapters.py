@@ -115,6 +115,15 @@ def test_sites_have_the_right_shapes_and_mlp_values(name):
         torch.testing.assert_close(mlp[i], expect, rtol=1e-5, atol=1e-5)
         w = adapters.input_weight_rows(model, fam, i)
         assert w.shape == (FF, D)
+        # each choice of input weights, against the projection modules themselves
+        first = adapters.get_module(b, fam.mlp_in[0]).weight
+        first = first.T if fam.conv1d else first
+        last = adapters.get_module(b, fam.mlp_in[-1]).weight
+        last = last.T if fam.conv1d else last
+        assert torch.equal(adapters.input_weight_rows(model, fam, i, "gate"), first)
+        assert torch.equal(adapters.input_weight_rows(model, fam, i, "up"), last)  # a non-gated MLP: its one W_in
+        both = adapters.input_weight_rows(model, fam, i, "concat")
+        assert torch.equal(both, torch.cat([first, last], 1) if len(fam.mlp_in) == 2 else first)
     # ffn_out == mlp_out(mlp)
     ffn, _ = record(model, fam, "ffn_out")
     for i, b in enumerate(blocks):

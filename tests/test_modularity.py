@@ -91,27 +91,40 @@ def test_top_selection_is_global_and_deterministic():
 
 
 @pytest.mark.parametrize("drop", [0.2, 0.5, 0.8])
-@pytest.mark.parametrize("curve", ["sqrt", "sigmoid", "steps"])
+@pytest.mark.parametrize("curve", ["sqrt", "sigmoid", "steps", "early"])
 def test_bisection_hits_the_target_drop_on_a_monotone_curve(drop, curve):
     n = 10_000
     f = {
         "sqrt": lambda k: 1 - 0.95 * np.sqrt(k / n),
         "sigmoid": lambda k: 1 / (1 + np.exp((k / n - 0.03) * 300)) / (1 / (1 + np.exp(-0.03 * 300))),
         "steps": lambda k: 1 - np.floor(40 * k / n) / 40,  # plateaus 2.5 points apart
+        "early": lambda k: 1 - min(1.0, 20 * k / n),  # the whole drop within the first 5% of the neurons
     }[curve]
     calls = []
-    res = pruning.bisect_pruning(lambda k: calls.append(k) or float(f(k)), n, drop, tolerance=0.02, max_steps=20)
-    assert res.converged and abs(res.relative - (1 - drop)) <= 0.02
+    res = pruning.bisect_pruning(lambda k: calls.append(k) or float(f(k)), n, drop, tolerance=0.02, max_steps=20, max_fraction=1.0)
+    # accepted one-sided: the drop is reached, overshot by at most the tolerance
+    assert res.converged and res.status == "converged" and 1 - drop - 0.02 <= res.relative <= 1 - drop
     assert res.relative == pytest.approx(f(res.k)) and res.fraction == res.k / n
-    assert len(calls) == len(res.history) <= 20 and calls[0] == n  # first the whole range
+    assert len(calls) == len(res.history) <= 20 and calls[0] == n  # first the upper bound
+    assert calls[1] == round(np.sqrt(n))  # then the geometric middle of [1, n]
+    # the answer, against a plain scan of every k: inside the band of k values that are accepted
+    band = [k for k in range(n + 1) if 1 - drop - 0.02 <= f(k) <= 1 - drop]
+    assert min(band) <= res.k <= max(band)
 
 
-def test_bisection_reports_unreachable_targets_and_respects_max_steps():
-    res = pruning.bisect_pruning(lambda k: 1 - 0.3 * k / 100, 100, 0.5, tolerance=0.01)
-    assert not res.reachable and not res.converged and res.k == 100 and len(res.history) == 1
-    res = pruning.bisect_pruning(lambda k: 1 - k / 1000, 1000, 0.37, tolerance=1e-6, max_steps=4)
-    assert len(res.history) == 4 and not res.converged
-    assert abs(res.relative - 0.63) == min(abs(r - 0.63) for _, r in res.history)
+def test_bisection_reports_unreachable_targets_and_what_it_reached_when_the_steps_run_out():
+    # 30% of the neurons pruned at most lose 30% of the accuracy: a 50% drop is unreachable, reported as such
+    res = pruning.bisect_pruning(lambda k: 1 - k / 100, 100, 0.5, tolerance=0.01, max_fraction=0.3)
+    assert not res.reachable and not res.converged and res.status == "unreachable" and res.k == 30 and len(res.history) == 1
+    # the default upper bound is taker's 12.8% of the neurons
+    res = pruning.bisect_pruning(lambda k: 1 - k / 1000, 1000, 0.5, tolerance=0.01)
+    assert res.status == "unreachable" and res.history == [(128, pytest.approx(0.872))]
+    # four evaluations cannot find the band of width 1e-6: not converged, and the point returned reaches the drop
+    # (the smallest k evaluated that does), never one short of it
+    res = pruning.bisect_pruning(lambda k: 1 - k / 1000, 1000, 0.37, tolerance=1e-6, max_steps=4, max_fraction=1.0)
+    assert len(res.history) == 4 and res.status == "not converged" and res.reachable
+    reaching = [k for k, r in res.history if r <= 0.63]
+    assert res.k == min(reaching) and res.relative <= 0.63
     with pytest.raises(NeuronAtlasError):
         pruning.bisect_pruning(lambda k: 1.0, 10, 1.5)
 
@@ -145,9 +158,14 @@ def test_overlap_trained_vs_random_on_a_hand_made_case():
 
 def test_fractions_from_search_or_fixed(tmp_path):
     tasks = [pruning.Task("A b", "a-b", "d"), pruning.Task("c", "c", "d")]
-    pd.DataFrame({"key": ["c", "a-b"], "fraction": [0.1, 0.02]}).to_csv(tmp_path / "s.csv", index=False)
+    search = pd.DataFrame({"key": ["c", "a-b"], "fraction": [0.1, 0.02], "status": ["converged", "not converged"]})
+    search.to_csv(tmp_path / "s.csv", index=False)
     assert pruning.task_fractions(tasks, None, str(tmp_path / "s.csv")).tolist() == [0.02, 0.1]
     assert pruning.task_fractions(tasks, 0.05, None).tolist() == [0.05, 0.05]
+    # an unreachable task has no selection of that drop
+    search.assign(status=["unreachable", "converged"]).to_csv(tmp_path / "u.csv", index=False)
+    got = pruning.task_fractions(tasks, None, str(tmp_path / "u.csv"))
+    assert got[0] == 0.02 and np.isnan(got[1])
 
 
 def test_mmlu_prompt_and_multiple_choice_objective(tiny_models):
@@ -271,6 +289,11 @@ def test_check_config_names_keys():
     c["modularity"]["experiments"]["e"]["drops"] = [1.5]
     with pytest.raises(ConfigError, match="modularity.experiments.e.drops.0"):
         core_config.validate(c)
+    c = base()
+    c["datasets"]["notes"].update(shards=2, eval_shards=[1])
+    c["modularity"]["moe"] = {"k": {"tgpt": 10**6}}  # more clusters than MLP neurons per layer
+    with pytest.raises(ConfigError, match="modularity.moe.k.tgpt`: 1000000 clusters exceed the"):
+        modularity_dag.check_config(core_config.validate(c))
 
 
 def test_moe_and_lorenz_jobs_wire_the_moe_module(tmp_path, random_params):
@@ -284,7 +307,7 @@ def test_moe_and_lorenz_jobs_wire_the_moe_module(tmp_path, random_params):
         mans[role] = str(tmp_path / role / "manifest.json")
     clusters = {}
     for role, man in mans.items():
-        params = {"model": f"v{role}", "k": None, "cluster_size": 8, "max_iter": 20, "seed": 0}
+        params = {"model": f"v{role}", "k": None, "cluster_size": 8, "max_iter": 20, "seed": 0, "weights": "up"}
         stats = modularity_jobs.modularity_moe(params, man, str(tmp_path / f"{role}.parquet"), str(tmp_path / f"{role}.json"), threads=1)
         clusters[role] = str(tmp_path / f"{role}.parquet")
         ids = moe.read_clusters(clusters[role])
@@ -299,7 +322,7 @@ def test_moe_and_lorenz_jobs_wire_the_moe_module(tmp_path, random_params):
             sc[0, 0, moe.read_clusters(clusters[role])[0] == 1] += 10  # task p's top neurons of layer 0: all in cluster 1
         scores[role] = str(tmp_path / f"scores-{role}.h5")
         pruning.write_scores(scores[role], tasks, sc, sc, np.ones((2, 32)), np.zeros((2, 32)), {"model": role})
-    pd.DataFrame({"key": ["p", "q"], "fraction": [0.25, 0.25]}).to_csv(tmp_path / "search.csv", index=False)
+    pd.DataFrame({"key": ["p", "q"], "fraction": [0.25, 0.25], "status": "converged"}).to_csv(tmp_path / "search.csv", index=False)
     out = {
         k: str(tmp_path / f"out-{k}.{ext}")
         for k, ext in (("csv", "csv"), ("compare", "csv"), ("md", "md"), ("figure", "png"), ("curve_figure", "png"))
@@ -314,6 +337,24 @@ def test_moe_and_lorenz_jobs_wire_the_moe_module(tmp_path, random_params):
     assert {"auc_trained", "auc_random", "diff"} <= set(cmp.columns) and "(mean)" in set(cmp["subset"])
     for k in ("figure", "curve_figure", "md"):
         assert (tmp_path / f"out-{k}.{'md' if k == 'md' else 'png'}").stat().st_size > 0
+    # an unreachable task: the searched Lorenz fraction is the mean over the tasks that reached the drop, and the
+    # overlaps leave it out (NaN); with no task reaching it there is nothing to select, said by name
+    pd.DataFrame({"key": ["p", "q"], "fraction": [0.125, 0.75], "status": ["converged", "unreachable"]}).to_csv(
+        tmp_path / "search.csv", index=False
+    )
+    table = modularity_jobs.modularity_lorenz(params, scores, clusters, str(tmp_path / "search.csv"), out)
+    assert (table["fraction"] == 0.125).all()
+    overlap_out = {k: str(tmp_path / f"overlap-{k}.{ext}") for k, ext in OVERLAP_OUTPUTS.items()}
+    overlap_params = {"experiment": "e", "site": "mlp", "fraction": None, "drop": 0.5, "models": params["models"]}
+    long = modularity_jobs.modularity_overlap(overlap_params, scores, str(tmp_path / "search.csv"), overlap_out)
+    trained = long[long.model == "trained"].set_index(["task_i", "task_j"])["overlap"]
+    assert trained[("p", "p")] == 100 and trained[["q"]].isna().all() and np.isnan(trained[("p", "q")])
+    pd.DataFrame({"key": ["p", "q"], "fraction": [0.5, 0.5], "status": "unreachable"}).to_csv(tmp_path / "search.csv", index=False)
+    with pytest.raises(NeuronAtlasError, match="no task of experiment 'e' reached"):
+        modularity_jobs.modularity_lorenz(params, scores, clusters, str(tmp_path / "search.csv"), out)
+
+
+OVERLAP_OUTPUTS = {"csv": "csv", "sorted_csv": "csv", "md": "md", "figure": "png", "sorted_figure": "png"}
 
 
 def test_rule_helpers_paths_inputs_and_targets():
@@ -356,8 +397,11 @@ def test_rule_helpers_paths_inputs_and_targets():
     }
     assert "search" not in mj.overlap_inputs(cfg, "R", "txt")
     assert mj.lorenz_inputs(cfg, "R", "img")["clusters_random"] == "R/vr/modularity/moe/clusters.parquet"
+    exps["img"]["lorenz_fraction"] = 0.125  # an experiment's own fraction: no search input, its value in the params
+    assert "search" not in mj.lorenz_inputs(cfg, "R", "img") and mj.lorenz_fraction(cfg, "img") == 0.125
+    exps["img"]["lorenz_fraction"] = None
     cfg["modularity"]["moe"]["fraction"] = 0.1
-    assert "search" not in mj.lorenz_inputs(cfg, "R", "img")
+    assert "search" not in mj.lorenz_inputs(cfg, "R", "img") and mj.lorenz_fraction(cfg, "img") == 0.1
     t = mj.targets(cfg, "R")
     assert t == [
         "R/figures/modularity/img/effects-v-d50.png",

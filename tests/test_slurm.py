@@ -177,9 +177,10 @@ def _compare_results(ours: Path, ref: Path) -> list[str]:
     for rel in sorted(files & ref_files):
         a, b = ours / rel, ref / rel
         if rel.suffix == ".h5" and "activations" in rel.parts:
-            d = store.compare(a, b, rtol=0, atol=0)
-            if d:
-                diffs.append(f"{rel}: {d}")
+            for site in store.file_sites(a):  # shard files hold every site of one extraction job
+                d = store.compare(a, b, rtol=0, atol=0, site=site)
+                if d:
+                    diffs.append(f"{rel} ({site or 'store'}): {d}")
         elif rel.parts[0] in ("tables", "summary") and rel.suffix in (".csv", ".md"):
             if _normalise(a.read_text(), ours.parent, ours) != _normalise(b.read_text(), ref.parent, ref):
                 diffs.append(f"{rel}: content differs")

@@ -133,3 +133,18 @@ def test_merge_refuses_stores_of_another_dataset_model_or_extraction(tmp_path, k
     store.merge([a, b], tmp_path / "m.h5")  # the same in every identity attribute: merges
     with store.open_store(tmp_path / "m.h5") as merged:
         assert merged.attrs["extraction_hash"] == "e1" and merged.attrs["model_params_hash"] == "p1"
+
+
+def test_file_sites_names_every_site_of_a_shard_file_and_none_for_a_store(tmp_path):
+    shard, single = tmp_path / "shard-0.h5", tmp_path / "stats.h5"
+    store.write_sites(shard, {"mlp": _stats(0), "residual": _stats(1)})
+    store.write(single, _stats(2))
+    assert store.file_sites(shard) == ["mlp", "residual"]
+    assert store.file_sites(single) == [None]
+    assert store.compare(shard, shard, site="residual") == []
+    assert store.compare(shard, single, site="mlp", attributes=()) != []  # different data
+    with pytest.raises(NeuronAtlasError, match="name the one to read"):
+        store.open_store(shard)
+    single.write_bytes(b"not hdf5")
+    with pytest.raises(NeuronAtlasError, match="HDF5 cannot open it"):
+        store.file_sites(single)

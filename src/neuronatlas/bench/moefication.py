@@ -45,7 +45,7 @@ def _gemma_rows(n_layers: int) -> np.ndarray | None:
     from neuronatlas.modularity import moe
 
     lm = models.load(GEMMA_MANIFEST, device="cpu", dtype="float32", threads=THREADS)
-    rows = np.concatenate([moe.input_rows(lm, layer) for layer in range(n_layers)])
+    rows = np.concatenate([moe.input_rows(lm, layer, "gate") for layer in range(n_layers)])
     del lm
     return rows
 

@@ -228,12 +228,22 @@ class StopForward(Exception):
     """Raised by a recorder to cut a forward pass short once the last needed layer is seen."""
 
 
-def input_weight_rows(base: nn.Module, fam: Family, layer: int) -> torch.Tensor:
-    """W_in of block `layer` as (d_ff, d_model) rows (one per MLP neuron); gated MLPs: the gate projection.
+INPUT_WEIGHTS = ("gate", "up", "concat")
 
-    For gated MLPs (LLaMA/Gemma: act(gate(x)) * up(x)) the gate rows decide when a neuron fires, so they
-    are the "input weights" used for neuron embeddings and MoEfication.
+
+def input_weight_rows(base: nn.Module, fam: Family, layer: int, weights: str = "gate") -> torch.Tensor:
+    """W_in of block `layer` as rows, one per MLP neuron: (d_ff, d_model), or (d_ff, 2·d_model) for `concat`.
+
+    A gated MLP (LLaMA/Gemma/Mistral: act(gate(x)) * up(x)) has two input projections: `gate` rows decide when
+    a neuron fires, `up` rows are its linear input (what taker calls W_in), `concat` puts both side by side. A
+    non-gated MLP has one W_in, whichever is asked for.
     """
-    proj = get_module(blocks(base, fam)[layer], fam.mlp_in[0])
-    w = proj.weight.detach()
-    return w.T if fam.conv1d else w
+    if weights not in INPUT_WEIGHTS:
+        raise ValueError(f"input weights {weights!r}: allowed {', '.join(INPUT_WEIGHTS)}")
+    names = fam.mlp_in
+    chosen = names[:1] if len(names) == 1 or weights == "gate" else names[1:2] if weights == "up" else names[:2]
+    rows = []
+    for name in chosen:
+        w = get_module(blocks(base, fam)[layer], name).weight.detach()
+        rows.append(w.T if fam.conv1d else w)
+    return torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]

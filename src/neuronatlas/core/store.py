@@ -198,7 +198,7 @@ class Store:
 
     def _group(self, site: str | None) -> h5py.Group:
         """The root of the store: the file, or the site's group of a multi-site shard file."""
-        sites = [s.decode() if isinstance(s, bytes) else str(s) for s in self._file.attrs.get("sites", [])]
+        sites = _site_names(self._file)
         if site is None:
             if sites:
                 raise CorruptStoreError(self.path, f"holds the sites {sites}; name the one to read")
@@ -390,6 +390,20 @@ class Store:
             self.attrs,
             self._label_dict(),
         )
+
+
+def _site_names(file: h5py.File) -> list[str]:
+    """The sites of a multi-site shard file (empty for a single-site store)."""
+    return [s.decode() if isinstance(s, bytes) else str(s) for s in file.attrs.get("sites", [])]
+
+
+def file_sites(path: str | Path) -> list[str]:
+    """The sites a shard file holds, or [None] for a single-site store (each is an `open_store` site argument)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return _site_names(f) or [None]
+    except (OSError, ValueError) as exc:
+        raise CorruptStoreError(Path(path), f"HDF5 cannot open it ({exc})") from exc
 
 
 def open_store(path: str | Path, site: str | None = None) -> Store:

@@ -80,9 +80,15 @@ def lorenz_inputs(config: Mapping[str, Any], results: str, exp: str) -> dict[str
     for role, m in roles(config, exp).items():
         out[f"scores_{role}"] = f"{mod_dir(results, m, exp)}/scores.h5"
         out[f"clusters_{role}"] = f"{moe_dir(results, m)}/clusters.parquet"
-    if config["modularity"]["moe"]["fraction"] is None:
+    if lorenz_fraction(config, exp) is None:
         out["search"] = search_csv(config, results, exp)
     return out
+
+
+def lorenz_fraction(config: Mapping[str, Any], exp: str) -> float | None:
+    """The fraction of each layer the experiment's Lorenz AUC selects (None: the searched fractions' mean)."""
+    own = config["modularity"]["experiments"][exp].get("lorenz_fraction")
+    return own if own is not None else config["modularity"]["moe"]["fraction"]
 
 
 def claim_inputs(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -157,6 +163,12 @@ def check_config(config: Mapping[str, Any]) -> None:
             raise ConfigError(f"{base}.mmlu.subjects", "MMLU needs a causal language model; remove it from an image experiment")
         if len(e["tasks"]) == 1 and not all(image):
             raise ConfigError(f"{base}.tasks", "one text dataset is one task; an experiment needs at least two tasks (or an image dataset)")
+    for m, k in mod["moe"]["k"].items():
+        if m not in models:
+            raise ConfigError(f"modularity.moe.k.{m}", f"{m!r} is not a model; defined models: {', '.join(models)}")
+        width = estimate.shape_of(models, m).d_ff if estimate.is_known(models, m) else None
+        if width is not None and k > width:
+            raise ConfigError(f"modularity.moe.k.{m}", f"{k} clusters exceed the {width} MLP neurons per layer of {m!r}; at most {width}")
 
 
 def eval_params(config: Mapping[str, Any], experiment: str) -> dict[str, Any]:
@@ -251,6 +263,7 @@ def moe_params(config: Mapping[str, Any], model: str) -> dict[str, Any]:
         "k": moe["k"].get(model),
         "cluster_size": moe["cluster_size"],
         "max_iter": moe["max_iter"],
+        "weights": moe["weights"],
         "seed": config["seed"],
     }
 
@@ -293,7 +306,7 @@ def lorenz_params(config: Mapping[str, Any], experiment: str) -> dict[str, Any]:
     moe = config["modularity"]["moe"]
     return {
         "experiment": experiment,
-        "fraction": moe["fraction"],
+        "fraction": lorenz_fraction(config, experiment),
         "null_draws": moe["null_draws"],
         "seed": config["seed"],
         "models": roles(config, experiment),

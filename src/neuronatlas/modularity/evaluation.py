@@ -256,7 +256,7 @@ def search_and_effects(
         conditions[t.key] = as_condition(select_top(score_file.scores[score_file.index(t.key)], res.k))
         log(
             f"task {t.name}: base accuracy {base:.4f}; pruned {res.k}/{n_total} ({100 * res.fraction:.2f}%) -> relative "
-            f"{res.relative:.4f} (target {res.target:.2f}, {'converged' if res.converged else 'NOT converged'}) in "
+            f"{res.relative:.4f} (target {res.target:.2f}, {res.status}) in "
             f"{len(res.history)} evaluations, {time.perf_counter() - t0:.1f}s"
         )
     search = pd.DataFrame(
@@ -275,6 +275,7 @@ def search_and_effects(
                 "relative": res.relative,
                 "converged": res.converged,
                 "reachable": res.reachable,
+                "status": res.status,
                 "evaluations": len(res.history),
             }
             for t in tasks

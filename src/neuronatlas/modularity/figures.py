@@ -36,8 +36,11 @@ def _heat(ax, data: np.ndarray, rows: Sequence[str], cols: Sequence[str], vmin: 
     return im
 
 
-def effect_heatmap(wide: pd.DataFrame, path: str | Path, title: str = "", drop: float | None = None) -> None:
-    """Figs. 1-2: relative top-1 accuracy (%) of each eval set (rows) after pruning each task's neurons (columns)."""
+def effect_heatmap(
+    wide: pd.DataFrame, path: str | Path, title: str = "", drop: float | None = None, unreachable: Sequence[str] = ()
+) -> None:
+    """Figs. 1-2: relative top-1 accuracy (%) of each eval set (rows) after pruning each task's neurons (columns);
+    the columns of tasks whose drop was unreachable are hatched (they show the search's upper bound)."""
     if wide.empty:
         raise NeuronAtlasError("effect_heatmap: empty matrix")
     plt = _plt()
@@ -47,7 +50,14 @@ def effect_heatmap(wide: pd.DataFrame, path: str | Path, title: str = "", drop: 
     fig, ax = plt.subplots(figsize=(w, h))
     vmax = max(110.0, float(np.nanmax(data)) if np.isfinite(data).any() else 110.0)
     im = _heat(ax, data, [str(r) for r in wide.index], [str(c) for c in wide.columns], 0.0, vmax, "viridis", True)
-    ax.set_xlabel("pruned ('unlearned') task")
+    from matplotlib.patches import Rectangle
+
+    columns = [str(c) for c in wide.columns]
+    for name in unreachable:
+        if name in columns:
+            j = columns.index(name)
+            ax.add_patch(Rectangle((j - 0.5, -0.5), 1, data.shape[0], fill=False, hatch="///", edgecolor="white", lw=0))
+    ax.set_xlabel("pruned ('unlearned') task" + (" (hatched: target drop unreachable)" if unreachable else ""))
     ax.set_ylabel("evaluated on")
     sub = f" (target drop {100 * drop:g}%)" if drop is not None else ""
     ax.set_title((title + sub).strip(), fontsize=9)
@@ -105,7 +115,7 @@ def search_plot(points: pd.DataFrame, path: str | Path, target: float, title: st
         g = g.sort_values("fraction")
         ax.plot(100 * g["fraction"], 100 * g["relative"], marker="o", ms=2.5, lw=0.8, color=f"C{i % 10}", label=str(task))
     ax.axhline(100 * target, color="k", lw=0.8, ls=":", label="target")
-    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xscale("log")  # every probe prunes at least one neuron; the fractions that matter span decades
     ax.set_xlabel("neurons pruned (% of the site, top-scored first)")
     ax.set_ylabel("top-1 accuracy, % of unpruned")
     ax.set_title(title, fontsize=9)

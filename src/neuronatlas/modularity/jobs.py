@@ -111,11 +111,19 @@ def modularity_prune(
     wide = effect_matrix(effects)
     tables.write_csv(out["table_csv"], wide, index=True)
     title = f"{params['model']} / {params['experiment']}"
-    summary = search.set_index("task")[["fraction", "n_pruned", "base_accuracy", "relative", "converged"]]
+    summary = search.set_index("task")[["fraction", "n_pruned", "base_accuracy", "relative", "status"]]
+    unreachable = list(search.loc[search["status"] == "unreachable", "task"])
     md = (
         f"# Selective pruning: {title}, target drop {100 * params['drop']:g}%\n\n"
         f"Relative top-1 accuracy (% of unpruned) of each evaluation set (rows) after pruning the top-scored "
-        f"{params['site']} neurons of each task (columns).\n\n"
+        f"{params['site']} neurons of each task (columns)."
+        + (
+            f" Unreachable (the drop is not reached with {100 * params['search']['max_fraction']:g}% of the neurons pruned; the "
+            f"column shows that upper bound): {', '.join(unreachable)}."
+            if unreachable
+            else ""
+        )
+        + "\n\n"
         + tables.markdown(wide, index=True, float_format="{:.0f}")
         + "\n## Search\n\n"
         + tables.markdown(
@@ -123,7 +131,7 @@ def modularity_prune(
         )
     )
     tables.write_text(out["table_md"], md)
-    figures.effect_heatmap(wide, out["figure"], title, params["drop"])
+    figures.effect_heatmap(wide, out["figure"], title, params["drop"], unreachable)
     figures.search_plot(points, out["search_figure"], 1 - params["drop"], f"{title}: search")
     log_to_stderr(f"{ev.forwards} forward passes in {time.perf_counter() - t0:.1f}s")
     return search
@@ -139,30 +147,45 @@ def modularity_overlap(
     trained = files["trained"]
     tasks = trained.tasks
     fractions = task_fractions(tasks, params.get("fraction"), search_csv)
+    reached = np.isfinite(fractions)
+    if not reached.any():
+        log_to_stderr(f"no task of {params['experiment']} reached its target drop: every overlap is undefined (NaN)")
     n_total = int(np.prod(trained.scores.shape[1:]))
     mats = {}
     for role, sf in files.items():
         if [t.key for t in sf.tasks] != [t.key for t in tasks]:
             raise NeuronAtlasError(f"the {role} model's tasks differ from the trained model's ({[t.key for t in sf.tasks]})")
-        sel = np.stack([select_top(sf.scores[i], n_selected(fractions[i], n_total)) for i in range(len(tasks))])
+        empty = np.zeros(sf.scores.shape[1:], bool)
+        sel = np.stack([select_top(sf.scores[i], n_selected(fractions[i], n_total)) if reached[i] else empty for i in range(len(tasks))])
         mats[role] = overlap_matrix(sel)
+        mats[role][~reached, :] = np.nan  # an unreachable task has no selection of this drop
+        mats[role][:, ~reached] = np.nan
     long = overlap_frame(tasks, mats, fractions)
     srt = sorted_overlaps(tasks, mats["trained"], mats.get("random"))
     tables.write_csv(out["csv"], long)
     tables.write_csv(out["sorted_csv"], srt)
     names = [t.name for t in tasks]
     found = "fixed" if params.get("fraction") is not None else f"the fractions found by the search at drop {100 * params['drop']:g}%"
+    shown = ", ".join(f"{100 * f:.2f}%" if np.isfinite(f) else "unreachable" for f in fractions)
     md = [
         f"# Overlap of selected neurons: {params['experiment']}\n",
-        f"Selection per task: top {', '.join(f'{100 * f:.2f}%' for f in fractions)} of the {params['site']} neurons ({found}).\n",
+        f"Selection per task: top {shown} of the {params['site']} neurons ({found}).\n",
     ]
     for role, mat in mats.items():
         md.append(f"\n## {role} ({params['models'][role]}): |N_i ∩ N_j| / |N_i| (%), rows i\n\n")
         md.append(
             tables.markdown(pd.DataFrame(100 * mat, index=pd.Index(names, name="task"), columns=names), index=True, float_format="{:.0f}")
         )
-    if "random" in mats:
-        off = ~np.eye(len(tasks), dtype=bool)
+    off = ~np.eye(len(tasks), dtype=bool) & np.isfinite(mats["trained"]) & np.isfinite(mats.get("random", mats["trained"]))
+    if not reached.any():
+        md.append(
+            "\nNo task reached its target drop within modularity.search.max_fraction: there is no selection to compare, so this "
+            f"config cannot decide the overlap claims. Raise max_fraction, lower the drop or set modularity.experiments."
+            f"{params['experiment']}.overlap_fraction to a fixed fraction.\n"
+        )
+    elif "random" in mats and not off.any():
+        md.append("\nNo pair of tasks both reached the drop: no off-diagonal overlap to compare.\n")
+    elif "random" in mats:
         r = np.corrcoef(mats["trained"][off], mats["random"][off])[0, 1] if off.sum() > 1 else float("nan")
         md.append(
             f"\nMean off-diagonal overlap: trained {100 * np.nanmean(mats['trained'][off]):.1f}%, random "
@@ -175,6 +198,18 @@ def modularity_overlap(
     return long
 
 
+def _reached(fractions: np.ndarray, experiment: str) -> np.ndarray:
+    """Which tasks reached the drop (a searched fraction); an error when none has (the Lorenz AUC needs a fraction)."""
+    reached = np.isfinite(fractions)
+    if not reached.any():
+        raise NeuronAtlasError(
+            f"no task of experiment {experiment!r} reached its target drop within modularity.search.max_fraction: there "
+            f"is no selection to compare; raise max_fraction, lower the drop or set modularity.experiments.{experiment}."
+            "lorenz_fraction to a fixed fraction"
+        )
+    return reached
+
+
 def modularity_moe(params: Mapping[str, Any], manifest: str, clusters: str, stats: str, threads: int | None = None) -> list[dict[str, Any]]:
     """Rule modularity_moe: MoEfication clusters of one model's site layers (moe.moefication_job); k from the config."""
     from neuronatlas.core.io import read_json
@@ -184,8 +219,10 @@ def modularity_moe(params: Mapping[str, Any], manifest: str, clusters: str, stat
     k = params["k"] if params["k"] is not None else max(1, width // params["cluster_size"])
     if k > width:
         raise NeuronAtlasError(f"modularity.moe.k.{params['model']}={k} exceeds the {width} MLP neurons per layer")
-    log_to_stderr(f"{params['model']}: balanced k-means of {width} W_in rows per layer into k={k} clusters")
-    return moe.moefication_job(manifest, clusters, stats, k=k, seed=params["seed"], max_iter=params["max_iter"], threads=threads)
+    log_to_stderr(f"{params['model']}: balanced k-means of {width} W_in rows ({params['weights']}) per layer into k={k} clusters")
+    return moe.moefication_job(
+        manifest, clusters, stats, k=k, seed=params["seed"], max_iter=params["max_iter"], threads=threads, weights=params["weights"]
+    )
 
 
 def modularity_lorenz(
@@ -198,7 +235,8 @@ def modularity_lorenz(
     tasks = files["trained"].tasks
     fraction = params.get("fraction")
     if fraction is None:
-        fraction = float(np.mean(task_fractions(tasks, None, search_csv)))
+        searched = task_fractions(tasks, None, search_csv)
+        fraction = float(np.mean(searched[_reached(searched, params["experiment"])]))
     clus = {role: moe.read_clusters(p) for role, p in clusters.items()}
     per_model = {role: {t.name: sf.scores[i] for i, t in enumerate(sf.tasks)} for role, sf in files.items()}
     table = moe.lorenz_table(clus, per_model, fraction, null_draws=params["null_draws"], seed=params["seed"])

@@ -3,9 +3,10 @@
 Pochinkov et al., "Modularity in Transformers", §2.3.2 and §4.2 / Fig. 6; method page:
 docs/methods/modularity.md.
 
-**MoEfication.** Per layer, the W_in rows (one per MLP neuron; `adapters.input_weight_rows`, which for
-gated MLPs — LLaMA/Mistral/Gemma, ``act(gate x) * up x`` — returns the *gate* rows, the ones that decide
-when a neuron fires) are L2-normalised and split by balanced k-means into k clusters of equal size.
+**MoEfication.** Per layer, the W_in rows (one per MLP neuron; `adapters.input_weight_rows`: for gated MLPs
+— LLaMA/Mistral/Gemma, ``act(gate x) * up x`` — the *up* rows by default, taker's W_in, which the authors
+clustered; `gate` rows, the ones that decide when a neuron fires, or both side by side are options) are
+L2-normalised and split by balanced k-means into k clusters of equal size.
 
 Balanced k-means here is Lloyd's algorithm whose assignment step is an **exact** balanced assignment
 (a transportation problem: n points of supply 1, k clusters of capacity n/k, cost = squared distance):
@@ -460,11 +461,12 @@ def layer_seed(seed: int, layer: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(layer)]).generate_state(1)[0])
 
 
-def input_rows(lm: Any, layer: int) -> np.ndarray:
-    """(d_ff, d_model) float32 W_in rows of one layer of a `models.LoadedModel` (gate rows for gated MLPs)."""
+def input_rows(lm: Any, layer: int, weights: str = "up") -> np.ndarray:
+    """(d_ff, d_in) float32 W_in rows of one layer of a `models.LoadedModel` (`weights`: up, gate or concat rows of
+    a gated MLP; a non-gated MLP has one W_in)."""
     from neuronatlas.core.adapters import input_weight_rows
 
-    return input_weight_rows(lm.base, lm.family, layer).float().cpu().numpy()
+    return input_weight_rows(lm.base, lm.family, layer, weights).float().cpu().numpy()
 
 
 def moefy_layer(rows: np.ndarray, k: int, seed: int = 0, **kw: Any) -> BalancedKMeans:
@@ -482,6 +484,7 @@ def moefy_model(
     tol: float = 0.0,
     threads: int | None = None,
     progress: bool = False,
+    weights: str = "up",
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """MoE clusters of every MLP layer of a loaded model: ((L, d_ff) int32 cluster ids, per-layer stats)."""
     from neuronatlas.core.adapters import site_shape
@@ -494,7 +497,7 @@ def moefy_model(
     stats = []
     for layer in layers:
         res = moefy_layer(
-            input_rows(lm, layer), k, seed=layer_seed(seed, layer), max_iter=max_iter, tol=tol, threads=threads, progress=False
+            input_rows(lm, layer, weights), k, seed=layer_seed(seed, layer), max_iter=max_iter, tol=tol, threads=threads, progress=False
         )
         out[layer] = res.labels
         stats.append(
@@ -580,20 +583,23 @@ def moefication_job(
     tol: float = 0.0,
     threads: int | None = None,
     layers: Sequence[int] | None = None,
+    weights: str = "up",
 ) -> list[dict[str, Any]]:
     """Workflow job: MoE clusters of one prepared model -> Parquet (`neuron_id, layer, index, cluster`) + stats JSON."""
     from neuronatlas.core import models
     from neuronatlas.core.io import write_json
 
     lm = models.load(manifest, device="cpu", dtype="float32", threads=threads)
-    labels, stats = moefy_model(lm, k, seed=seed, layers=layers, max_iter=max_iter, tol=tol, threads=threads, progress=True)
+    labels, stats = moefy_model(
+        lm, k, seed=seed, layers=layers, max_iter=max_iter, tol=tol, threads=threads, progress=True, weights=weights
+    )
     params = {
         "k": k,
         "seed": seed,
         "max_iter": max_iter,
         "tol": tol,
         "model": lm.manifest.get("model"),
-        "weights": "gate rows" if len(lm.family.mlp_in) > 1 else "W_in rows",
+        "weights": f"{weights} rows" if len(lm.family.mlp_in) > 1 else "W_in rows",
         "normalised": "L2",
     }
     write_clusters(output, labels, params)

@@ -253,6 +253,9 @@ def compute_scores(
 # ----------------------------------------------------------------------------- the search
 
 
+CONVERGED, NOT_CONVERGED, UNREACHABLE = "converged", "not converged", "unreachable"
+
+
 @dataclass
 class SearchResult:
     """Outcome of a search for the number of pruned neurons giving a target relative accuracy."""
@@ -261,7 +264,7 @@ class SearchResult:
     n_total: int
     relative: float  # accuracy(k) / accuracy(0) at the chosen point
     target: float  # 1 - drop
-    converged: bool  # |relative - target| <= tolerance
+    converged: bool  # target - tolerance <= relative <= target
     reachable: bool  # pruning max_fraction of the neurons reaches the target
     history: list[tuple[int, float]]  # every evaluated (k, relative), in order
 
@@ -270,16 +273,31 @@ class SearchResult:
         """k / n_total."""
         return self.k / self.n_total if self.n_total else float("nan")
 
+    @property
+    def status(self) -> str:
+        """converged, not converged (the steps ran out; the point reaches the drop by more than the tolerance)
+        or unreachable (pruning the upper bound does not reach the drop)."""
+        return CONVERGED if self.converged else NOT_CONVERGED if self.reachable else UNREACHABLE
+
 
 def bisect_pruning(
-    relative_at: Callable[[int], float], n_total: int, drop: float, tolerance: float = 0.02, max_steps: int = 16, max_fraction: float = 1.0
+    relative_at: Callable[[int], float],
+    n_total: int,
+    drop: float,
+    tolerance: float = 0.02,
+    max_steps: int = 16,
+    max_fraction: float = 0.128,
 ) -> SearchResult:
-    """Bisection over k, the number of top-scored neurons pruned, for relative accuracy ``1 - drop``.
+    """Bisection on log k, the number of top-scored neurons pruned, for relative accuracy ``1 - drop``.
 
-    `relative_at(k)` is the accuracy with the top k pruned divided by the unpruned accuracy. The interval
-    [lo, hi] keeps relative(lo) above and relative(hi) at or below the target; the search stops when a
-    point is within `tolerance` of the target, the interval is one neuron wide, or after `max_steps`
-    evaluations. The point returned is the evaluated one closest to the target (fewer neurons on ties).
+    `relative_at(k)` is the accuracy with the top k pruned divided by the unpruned accuracy. The first
+    evaluation prunes the upper bound ``max_fraction × n_total``: when even that leaves the relative accuracy
+    above the target, the task is unreachable (reported as such, never as converged). Otherwise the search
+    keeps the largest k known to stay above the target and the smallest known to reach it, and probes their
+    geometric mean (the pruned fractions that matter span orders of magnitude). A point is accepted one-sided,
+    as taker does: ``target - tolerance <= relative <= target`` (the drop is reached, overshot by at most the
+    tolerance). When `max_steps` evaluations or a one-neuron interval end the search first, the result is the
+    smallest k evaluated that reaches the drop, marked not converged.
     """
     if not 0 < drop < 1:
         raise NeuronAtlasError(f"target drop {drop} must be in (0, 1)")
@@ -292,21 +310,21 @@ def bisect_pruning(
         history.append((k, r))
         return r
 
+    def accepted(r: float) -> bool:
+        return target - tolerance <= r <= target
+
     r_hi = run(hi)
-    reachable = r_hi <= target + tolerance
-    lo = 0
-    if reachable and abs(r_hi - target) > tolerance:
-        while len(history) < max_steps and hi - lo > 1:
-            mid = (lo + hi) // 2
-            r = run(mid)
-            if abs(r - target) <= tolerance:
-                break
-            if r > target:
-                lo = mid
-            else:
-                hi = mid
-    k, r = min(history, key=lambda kr: (abs(kr[1] - target), kr[0]))
-    return SearchResult(k, n_total, r, target, abs(r - target) <= tolerance, reachable, history)
+    if not r_hi <= target:
+        return SearchResult(hi, n_total, r_hi, target, False, False, history)
+    lo = 0  # the largest k known to stay above the target (0: the unpruned model)
+    while not accepted(r_hi) and len(history) < max_steps and hi - lo > 1:
+        mid = min(max(int(round(math.sqrt(max(lo, 1) * hi))), lo + 1), hi - 1)
+        r = run(mid)
+        if r > target:
+            lo = mid
+        else:
+            hi, r_hi = mid, r
+    return SearchResult(hi, n_total, r_hi, target, accepted(r_hi), True, history)
 
 
 # ----------------------------------------------------------------------------- overlaps
@@ -352,13 +370,16 @@ def sorted_overlaps(tasks: Sequence[Task], trained: np.ndarray, random: np.ndarr
 
 
 def task_fractions(tasks: Sequence[Task], fraction: float | None, search_csv: str | None) -> np.ndarray:
-    """Fraction of neurons selected per task: a fixed fraction, or the searched fraction of each task."""
+    """Fraction of neurons selected per task: a fixed fraction, or the searched fraction of each task (NaN for a
+    task whose target drop was unreachable)."""
     if fraction is not None:
         return np.full(len(tasks), float(fraction))
     if search_csv is None:
         raise NeuronAtlasError("a selection needs either a fixed fraction or the search results")
-    found = pd.read_csv(search_csv).set_index("key")["fraction"]
-    missing = [t.key for t in tasks if t.key not in found.index]
+    search = pd.read_csv(search_csv).set_index("key")
+    missing = [t.key for t in tasks if t.key not in search.index]
     if missing:
         raise NeuronAtlasError(f"{search_csv} has no search result for tasks {missing}")
-    return np.array([float(found[t.key]) for t in tasks])
+    # a task whose drop is unreachable has no selection of that drop: NaN, left out of overlaps and Lorenz fractions
+    reached = search["status"] != UNREACHABLE if "status" in search else pd.Series(True, index=search.index)
+    return np.array([float(search.loc[t.key, "fraction"]) if reached[t.key] else float("nan") for t in tasks])

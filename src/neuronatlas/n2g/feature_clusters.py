@@ -30,7 +30,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist
 from tqdm import tqdm
 
-from neuronatlas.core.adapters import base_model, blocks, get_module, input_weight_rows
+from neuronatlas.core.adapters import base_model, input_weight_rows
 from neuronatlas.core.errors import NeuronAtlasError
 from neuronatlas.core.models import LoadedModel
 from neuronatlas.n2g.build import DocumentTokens, Example, LayerProbe, neuron_examples, sample_neurons
@@ -62,13 +62,7 @@ def is_gated(lm: LoadedModel) -> bool:
 
 def input_rows(lm: LoadedModel, layer: int, gated_weight: str = "gate") -> np.ndarray:
     """The (d_ff, d_model) input weight rows of a layer's MLP neurons (gate or up rows for gated MLPs)."""
-    base = base_model(lm.model)
-    if gated_weight == "up" and is_gated(lm):
-        w = get_module(blocks(base, lm.family)[layer], lm.family.mlp_in[1]).weight.detach()
-        w = w.T if lm.family.conv1d else w
-    else:
-        w = input_weight_rows(base, lm.family, layer)
-    return w.float().cpu().numpy().astype(np.float64)
+    return input_weight_rows(base_model(lm.model), lm.family, layer, gated_weight).float().cpu().numpy().astype(np.float64)
 
 
 def neuron_embeddings(pre_mlp: np.ndarray, weight_row: np.ndarray) -> np.ndarray:
