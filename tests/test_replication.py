@@ -4,6 +4,7 @@ claims stage on the tiny DAG, whose verdict flips when the data does."""
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +151,67 @@ def test_the_claims_stage_on_the_tiny_dag_and_a_verdict_that_flips_with_the_data
     write_edited()
     rows = [r for r in replication_claims(inputs, outputs, settings) if r["claim_id"] == "zhang.fig2.within_distance_falls_with_k"]
     assert rows and all(r["verdict"] == "reproduced" for r in rows), rows
+
+
+def test_modularity_selectivity_and_overlap_claims_against_hand_computations(tmp_path):
+    from neuronatlas.modularity import claims as modularity_claims
+
+    keys = ["a", "b", "c", "d"]
+    relative = {  # relative accuracy (%) of eval task (column) after pruning target (row); d is unreachable
+        "a": {"a": 40.0, "b": 90.0, "c": 95.0, "d": 100.0},
+        "b": {"a": 85.0, "b": 50.0, "c": 80.0, "d": 90.0},
+        "c": {"a": 70.0, "b": 75.0, "c": 60.0, "d": 65.0},
+        "d": {"a": 10.0, "b": 10.0, "c": 10.0, "d": 95.0},
+    }
+    effects = pd.DataFrame(
+        [
+            {"target": t, "target_key": t, "eval": e, "eval_key": e, "eval_kind": "task", "relative": v, "model": "vit"}
+            for t, row in relative.items()
+            for e, v in row.items()
+        ]
+        + [{"target": "a", "target_key": "a", "eval": "mix", "eval_key": "mix", "eval_kind": "reference", "relative": 0.0, "model": "vit"}]
+    )
+    search = pd.DataFrame({"key": keys, "status": ["converged", "not converged", "converged", "unreachable"]})
+    values, unreachable = modularity_claims.selectivity(effects, search)
+    assert unreachable == ["d"]
+    assert values == pytest.approx([(90 + 95 + 100) / 3 - 40, (85 + 80 + 90) / 3 - 50, (70 + 75 + 65) / 3 - 60])
+    # overlaps: NaN pairs (an unreachable task) and the diagonal are left out; r as scipy computes it
+    rng = np.random.default_rng(0)
+    names = ["A", "B", "C", "D", "E"]
+    trained = rng.uniform(0, 1, (5, 5))
+    random = 0.5 * trained + rng.uniform(0, 0.5, (5, 5))
+    trained[4, :] = trained[:, 4] = np.nan
+    overlap = pd.DataFrame(
+        [
+            {"model": role, "task_i": a, "task_j": b, "overlap": mat[i, j]}
+            for role, mat in (("trained", trained), ("random", random))
+            for i, a in enumerate(names)
+            for j, b in enumerate(names)
+        ]
+    )
+    first, second = modularity_claims.overlap_pairs(overlap)
+    off = ~np.eye(5, dtype=bool) & np.isfinite(trained)
+    assert first.size == 12 and sorted(first) == pytest.approx(sorted(trained[off]))
+    estimate = modularity_claims.pearson(first, second, {"resamples": 500, "seed": 0, "confidence": 0.95})
+    assert estimate.value == pytest.approx(scipy_stats.pearsonr(trained[off], random[off]).statistic) and estimate.n == 12
+    assert estimate.low < estimate.value < estimate.high
+    # the rows through evaluate: selectivity per drop (the unreachable task noted), overlaps, no Lorenz without MoE
+    effects.to_csv(tmp_path / "effects.csv", index=False)
+    search.to_csv(tmp_path / "search.csv", index=False)
+    overlap.to_csv(tmp_path / "overlap.csv", index=False)
+    inputs = {
+        "experiments": {
+            "img": {
+                "drops": {"0.5": {"effects": str(tmp_path / "effects.csv"), "search": str(tmp_path / "search.csv")}},
+                "overlap": str(tmp_path / "overlap.csv"),
+            }
+        }
+    }
+    rows = modularity_claims.evaluate(inputs, {"resamples": 500, "min_n": {}, "thresholds": {}, "upper": {}})
+    assert [r["claim_id"] for r in rows] == [modularity_claims.TARGET_DROP_EXCEEDS_OFF_TARGET.id, modularity_claims.OVERLAPS_CORRELATE.id]
+    assert rows[0]["n"] == 3 and rows[0]["estimate"] == pytest.approx(values.mean()) and "1 of 4 tasks" in rows[0]["note"]
+    assert rows[0]["model"] == "vit" and rows[1]["n"] == 12
+    # a statistic written |N_i ∩ N_j| stays in its cell: every table row has the header's 10 unescaped pipes
+    text = claims.markdown(rows)
+    table = [line for line in text.splitlines() if line.startswith("| `pochinkov")]
+    assert len(table) == 2 and all(len(re.findall(r"(?<!\\)\|", line)) == 10 for line in table)

@@ -1,7 +1,12 @@
 """Claims of Pochinkov et al. that modularity's outputs decide (the replication report's rows).
 
-Units of the Lorenz-AUC intervals are (task, layer) pairs of `lorenz.csv`, paired between the trained model,
-its randomly initialised twin and the chance level of random selections.
+- Selectivity (Fig. 1): units are the tasks that reached the drop; per task, the mean relative accuracy of the
+  other tasks minus the task's own after pruning its selection (percentage points), so a positive mean says pruning
+  a task's neurons hurts that task more than the others.
+- Overlap structure (Fig. 5): units are the ordered task pairs (i != j) with an overlap in both models; Pearson r
+  between the trained and the random model's overlaps, with a bootstrap over pairs.
+- Lorenz AUC (Fig. 6): units are (task, layer) pairs of `lorenz.csv`, paired between the trained model, its
+  randomly initialised twin and the chance level of random selections.
 """
 
 from __future__ import annotations
@@ -9,11 +14,34 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from neuronatlas.replication import statistics
 from neuronatlas.replication.claims import Claim, row
 
 PAPER = "Pochinkov et al."
 
+TARGET_DROP_EXCEEDS_OFF_TARGET = Claim(
+    id="pochinkov.fig1.target_drops_more_than_others",
+    paper=PAPER,
+    reference="Fig. 1 (ViT), Fig. 2 (Mistral), section 4.1",
+    claim="Pruning the neurons selected for a task lowers that task's accuracy more than the other tasks'.",
+    paper_value="the 'unlearned' class's strip stands out at a 50% drop (ViT) and a 20% drop (Mistral); less so at 80%",
+    statistic="relative accuracy (%) of the other tasks (mean) − the task's own, per task that reached the drop",
+    rule="greater",
+    threshold=0.0,
+    min_n=5,  # units are tasks: a bootstrap over fewer says nothing
+)
+OVERLAPS_CORRELATE = Claim(
+    id="pochinkov.fig5.trained_and_random_overlaps_correlate",
+    paper=PAPER,
+    reference="Fig. 5, section 4.2",
+    claim="The pairwise overlaps of selected neurons in the trained model correlate with those of its random twin.",
+    paper_value="'a definite correlation between the overlaps of pre-trained and random neuron selections' (no r given)",
+    statistic="Pearson r of trained vs random overlaps |N_i ∩ N_j| / |N_i| over ordered task pairs i != j",
+    rule="greater",
+    threshold=0.0,
+)
 LORENZ_TRAINED_VS_RANDOM = Claim(
     id="pochinkov.fig6.trained_more_clustered_than_random",
     paper=PAPER,
@@ -34,11 +62,49 @@ LORENZ_TRAINED_VS_CHANCE = Claim(
     rule="greater",
     threshold=0.0,
 )
-CLAIMS = [LORENZ_TRAINED_VS_RANDOM, LORENZ_TRAINED_VS_CHANCE]
+CLAIMS = [TARGET_DROP_EXCEEDS_OFF_TARGET, OVERLAPS_CORRELATE, LORENZ_TRAINED_VS_RANDOM, LORENZ_TRAINED_VS_CHANCE]
+
+
+def selectivity(effects: Any, search: Any) -> tuple[np.ndarray, list[str]]:
+    """Per task that reached the drop: mean relative accuracy of the other tasks minus its own (the unreachable left out)."""
+    reached = set(search.loc[search["status"] != "unreachable", "key"])
+    tasks = effects[effects["eval_kind"] == "task"]
+    values, unreachable = [], sorted(set(search["key"]) - reached)
+    for key in search["key"]:
+        if key not in reached:
+            continue
+        strip = tasks[tasks["target_key"] == key]
+        own = strip.loc[strip["eval_key"] == key, "relative"]
+        others = strip.loc[strip["eval_key"] != key, "relative"]
+        values.append(float(others.mean() - own.iloc[0]) if len(own) and len(others) else float("nan"))
+    return np.asarray(values, dtype=np.float64), unreachable
+
+
+def overlap_pairs(overlap: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Trained and random overlaps of the ordered task pairs i != j defined in both models."""
+    off = overlap[overlap["task_i"] != overlap["task_j"]]
+    wide = off.pivot_table(index=["task_i", "task_j"], columns="model", values="overlap", dropna=False)
+    if "random" not in wide:
+        return np.zeros(0), np.zeros(0)
+    both = wide[["trained", "random"]].dropna()
+    return both["trained"].to_numpy(np.float64), both["random"].to_numpy(np.float64)
+
+
+def pearson(trained: np.ndarray, random: np.ndarray, options: Mapping[str, Any]) -> statistics.Estimate:
+    """Pearson r of paired samples with a bootstrap interval over the pairs (NaN where a resample is constant)."""
+
+    def r(index: np.ndarray) -> float:
+        ix = index.astype(int)
+        a, b = trained[ix], random[ix]
+        if np.ptp(a) == 0 or np.ptp(b) == 0:
+            return float("nan")
+        return float(np.corrcoef(a, b)[0, 1])
+
+    return statistics.bootstrap(np.arange(trained.size, dtype=np.float64), r, **options)
 
 
 def evaluate(inputs: Mapping[str, Any], settings: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Rows per experiment with MoE clusters: trained vs random twin, trained vs chance."""
+    """Rows per experiment: selectivity per drop, trained vs random overlaps, and (with MoE clusters) the Lorenz AUC."""
     import pandas as pd
 
     options = {
@@ -48,22 +114,54 @@ def evaluate(inputs: Mapping[str, Any], settings: Mapping[str, Any]) -> list[dic
     }
     rows = []
     for experiment, files in inputs.get("experiments", {}).items():
+        model = ""
+        for drop, pair in files.get("drops", {}).items():
+            effects = pd.read_csv(pair["effects"])
+            model = str(effects["model"].iloc[0]) if len(effects) else model
+            values, unreachable = selectivity(effects, pd.read_csv(pair["search"]))
+            note = f"unreachable, left out: {len(unreachable)} of {len(values) + len(unreachable)} tasks" if unreachable else ""
+            rows.append(
+                row(
+                    TARGET_DROP_EXCEEDS_OFF_TARGET,
+                    statistics.bootstrap(values, **options),
+                    settings,
+                    model,
+                    experiment,
+                    f"{100 * float(drop):g}% target drop, per task",
+                    note,
+                )
+            )
+        if "overlap" in files:
+            trained, random = overlap_pairs(pd.read_csv(files["overlap"]))
+            rows.append(
+                row(
+                    OVERLAPS_CORRELATE,
+                    pearson(trained, random, options),
+                    settings,
+                    model,
+                    experiment,
+                    "vs its random twin, per ordered task pair",
+                    "" if trained.size else "no task pair has an overlap in both models (unreachable tasks have no selection)",
+                )
+            )
+        if "lorenz" not in files:
+            continue
         table = pd.read_csv(files["lorenz"])
-        trained = table[table.model == "trained"].set_index(["subset", "layer"])
-        model = str(trained["model_name"].iloc[0]) if len(trained) else ""
+        trained_auc = table[table.model == "trained"].set_index(["subset", "layer"])
+        model = str(trained_auc["model_name"].iloc[0]) if len(trained_auc) else model
         rows.append(
             row(
                 LORENZ_TRAINED_VS_CHANCE,
-                statistics.paired(trained["auc"], trained["auc_null"], **options),
+                statistics.paired(trained_auc["auc"], trained_auc["auc_null"], **options),
                 settings,
                 model,
                 experiment,
                 "per (task, layer)",
             )
         )
-        random = table[table.model == "random"].set_index(["subset", "layer"])
-        if len(random):
-            both = trained.join(random, rsuffix="_random", how="inner")
+        random_auc = table[table.model == "random"].set_index(["subset", "layer"])
+        if len(random_auc):
+            both = trained_auc.join(random_auc, rsuffix="_random", how="inner")
             rows.append(
                 row(
                     LORENZ_TRAINED_VS_RANDOM,
@@ -71,7 +169,7 @@ def evaluate(inputs: Mapping[str, Any], settings: Mapping[str, Any]) -> list[dic
                     settings,
                     model,
                     experiment,
-                    f"vs {random['model_name'].iloc[0]}, per (task, layer)",
+                    f"vs {random_auc['model_name'].iloc[0]}, per (task, layer)",
                 )
             )
     return rows

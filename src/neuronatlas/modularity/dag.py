@@ -92,11 +92,23 @@ def lorenz_fraction(config: Mapping[str, Any], exp: str) -> float | None:
 
 
 def claim_inputs(config: Mapping[str, Any]) -> dict[str, Any]:
-    """What the replication report reads of this method: the Lorenz table of every experiment with MoE clusters."""
+    """What the replication report reads of this method, per experiment: the effects and search tables of every drop,
+    the overlaps (with a random twin) and the Lorenz table (with MoE clusters)."""
     results = config["results_dir"]
-    return {
-        "experiments": {exp: {"lorenz": f"{results}/modularity/{exp}/lorenz.csv"} for exp, e in experiments(config).items() if e["moe"]}
-    }
+    out: dict[str, Any] = {}
+    for exp, e in experiments(config).items():
+        base = mod_dir(results, e["model"], exp)
+        files: dict[str, Any] = {
+            "drops": {
+                str(d): {"effects": f"{base}/effects-d{drop_tag(d)}.csv", "search": f"{base}/search-d{drop_tag(d)}.csv"} for d in e["drops"]
+            }
+        }
+        if e["random_model"]:
+            files["overlap"] = f"{results}/modularity/{exp}/overlap.csv"
+        if e["moe"]:
+            files["lorenz"] = f"{results}/modularity/{exp}/lorenz.csv"
+        out[exp] = files
+    return {"experiments": out}
 
 
 def targets(config: Mapping[str, Any], results: str) -> list[str]:

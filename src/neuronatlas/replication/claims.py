@@ -132,6 +132,11 @@ def _number(value: Any) -> str:
     return f"{value:.3g}"
 
 
+def _cell(text: Any) -> str:
+    """Text for a markdown table cell: a literal | (e.g. |N_i ∩ N_j|) escaped so that it does not split the cell."""
+    return str(text).replace("|", "\\|")
+
+
 def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """The report as markdown: verdict counts, then one table per paper."""
     counts = {v: sum(r["verdict"] == v for r in rows) for v in ("reproduced", "not reproduced", "inconclusive")}
@@ -152,12 +157,12 @@ def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in (r for r in rows if r["paper"] == paper):
-            where = " / ".join(x for x in (r["model"], r["dataset"], r["scope"]) if x)
+            where = _cell(" / ".join(x for x in (r["model"], r["dataset"], r["scope"]) if x))
             interval = f"{_number(r['estimate'])} [{_number(r['ci_low'])}, {_number(r['ci_high'])}]"
-            verdict_cell = f"**{r['verdict']}**" + (f" ({r['note']})" if r["note"] else "")
+            verdict_cell = f"**{r['verdict']}**" + (f" ({_cell(r['note'])})" if r["note"] else "")
             lines.append(
-                f"| `{r['claim_id']}`: {r['claim']} | {r['reference']} | {r['paper_value']} | {where} | {r['statistic']} | "
-                f"{interval} | {r['n']} | {r['decision']} | {verdict_cell} |"
+                f"| `{r['claim_id']}`: {_cell(r['claim'])} | {_cell(r['reference'])} | {_cell(r['paper_value'])} | {where} | "
+                f"{_cell(r['statistic'])} | {interval} | {r['n']} | {r['decision']} | {verdict_cell} |"
             )
         lines.append("")
     if not rows:
