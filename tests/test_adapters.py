@@ -10,37 +10,14 @@ from neuronatlas.core import adapters
 from neuronatlas.core.errors import NeuronAtlasError
 
 D, FF, LAYERS = 16, 48, 2
+# the decoder-only families share one shape (grouped-query attention with one key/value head)
+DECODER = dict(hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS, num_attention_heads=2, num_key_value_heads=1, vocab_size=50)
 CONFIGS = {
     "bert": dict(model_type="bert", hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS, num_attention_heads=2, vocab_size=50),
     "gpt2": dict(model_type="gpt2", n_embd=D, n_inner=FF, n_layer=LAYERS, n_head=2, vocab_size=50, n_positions=32),
-    "llama": dict(
-        model_type="llama",
-        hidden_size=D,
-        intermediate_size=FF,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=50,
-    ),
-    "mistral": dict(
-        model_type="mistral",
-        hidden_size=D,
-        intermediate_size=FF,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=50,
-    ),
-    "gemma3": dict(
-        model_type="gemma3_text",
-        hidden_size=D,
-        intermediate_size=FF,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        vocab_size=50,
-    ),
+    "llama": dict(model_type="llama", **DECODER),
+    "mistral": dict(model_type="mistral", **DECODER),
+    "gemma3": dict(model_type="gemma3_text", head_dim=8, **DECODER),
     "vit": dict(
         model_type="vit", hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS, num_attention_heads=2, image_size=16, patch_size=4
     ),

@@ -647,16 +647,8 @@ def _ascend_embedding(
             go = torch.as_tensor(~done if schedule.stop else np.ones(len(active), bool), device=e.device)
             e[index[go]] = part.detach()[go] + size * update[go]
             gsum[index[go]] += size * g[go]
-        if schedule.stop and done.any():
-            state.stopped_at[active[done]] = step
-            active = active[~done]
-            sub = targets.subset(active)
-        if bar is not None:
-            bar.update(1)
+        active, sub = _retire(state, targets, sub, active, done, step, bar)
         if len(active) == 0:
-            state.finish(step)
-            if bar is not None:
-                bar.update(schedule.steps - step - 1)
             break
     with torch.no_grad():
         x_best = x0 + best_gsum @ tx.W.T
@@ -701,18 +693,27 @@ def _ascend_inputs(
         opt.step()
         with torch.no_grad():  # a stopped row keeps its input (Adam's momentum would still move it)
             x[frozen] = kept
-        if schedule.stop and done.any():
-            state.stopped_at[active[done]] = step
-            active = active[~done]
-            sub = targets.subset(active)
-        if bar is not None:
-            bar.update(1)
+        active, sub = _retire(state, targets, sub, active, done, step, bar)
         if len(active) == 0:
-            state.finish(step)
-            if bar is not None:
-                bar.update(schedule.steps - step - 1)
             break
     return best_x, x.detach(), state
+
+
+def _retire(
+    state: _Progress, targets: Targets, sub: Targets, active: np.ndarray, done: np.ndarray, step: int, bar: Any
+) -> tuple[np.ndarray, Targets]:
+    """After a step: drop the rows that stopped, advance the progress bar, finish when none is left."""
+    if state.schedule.stop and done.any():
+        state.stopped_at[active[done]] = step
+        active = active[~done]
+        sub = targets.subset(active)
+    if bar is not None:
+        bar.update(1)
+    if len(active) == 0:
+        state.finish(step)
+        if bar is not None:
+            bar.update(state.schedule.steps - step - 1)
+    return active, sub
 
 
 # ----------------------------------------------------------------------------- brute force over the vocabulary
