@@ -360,7 +360,6 @@ def build_site(inputs: Mapping[str, Any], out_dir: str | Path, params: Mapping[s
 
     scale, quant = shades(sel.values)
     e = sel.values.shape[1]
-    doc_type = np.int32 if sel.doc_id.max(initial=0) < 2**31 else np.float64
     ex_layer, ex_index = sel.neurons // width, sel.neurons % width
 
     layer_rows = []
@@ -376,38 +375,13 @@ def build_site(inputs: Mapping[str, Any], out_dir: str | Path, params: Mapping[s
                 "n2g": sorted(n2g.get(layer, {})),
                 "tx": textualization.get(layer, {}),
                 "moe": None if moe is None else typed(moe[layer].astype(np.int16)),
-                "prune": {
-                    exp: {
-                        t: {"score": floats(s[layer]), "rank": typed(prune_ranks[exp][t][layer].astype(np.uint32))}
-                        for t, s in tasks.items()
-                    }
-                    for exp, tasks in pruning.items()
-                },
-                "top": None,
+                "prune": _pruning_chunk(pruning, prune_ranks, layer),
+                "top": None if tops is None else _top_tokens_chunk(tops, top_strings, layer),
             }
-            if tops is not None:
-                rows = tops["rows"][layer]
-                chunk["top"] = {"r": rows.shape[1], "tok": index_array(top_strings[rows].reshape(-1), np.zeros(rows.size, bool))}
-                chunk["top"]["val"] = floats(tops["values"][layer])
             write_chunk(folder, key, f"L{layer}", chunk)
             for j, lo in enumerate(range(0, idx.size, block)):
                 part = mine[lo : lo + block]
-                write_chunk(
-                    folder,
-                    key,
-                    f"L{layer}-b{j}",
-                    {
-                        "layer": layer,
-                        "first": lo,
-                        "n": int(part.size),
-                        "act": floats(sel.activation[part]),
-                        "doc": typed(sel.doc_id[part].reshape(-1).astype(doc_type)),
-                        "pos": typed(np.where(sel.doc_id[part] >= 0, sel.position[part], -1).reshape(-1).astype(np.int32)),
-                        "scale": floats(scale[part]),
-                        "tok": index_array(tokens[part].reshape(-1), tokens[part].reshape(-1) < 0),
-                        "val": typed(quant[part].reshape(-1)),
-                    },
-                )
+                write_chunk(folder, key, f"L{layer}-b{j}", _examples_chunk(sel, part, layer, lo, scale, quant, tokens))
             if layer in n2g:
                 write_chunk(folder, key, f"n2g-L{layer}", {str(n): item for n, item in sorted(n2g[layer].items())})
             mx = stats["max"][layer]
@@ -464,6 +438,42 @@ def build_site(inputs: Mapping[str, Any], out_dir: str | Path, params: Mapping[s
         summary.update(files=len(files), bytes=sum(p.stat().st_size for p in files))
         write_json(folder / SUMMARY, summary)
     return summary
+
+
+def _pruning_chunk(pruning: Mapping[str, Mapping[str, np.ndarray]], ranks: Mapping[str, Mapping[str, np.ndarray]], layer: int) -> dict:
+    """One layer's pruning scores and ranks, per experiment and task."""
+    return {
+        exp: {t: {"score": floats(s[layer]), "rank": typed(ranks[exp][t][layer].astype(np.uint32))} for t, s in tasks.items()}
+        for exp, tasks in pruning.items()
+    }
+
+
+def _top_tokens_chunk(tops: Mapping[str, Any], top_strings: np.ndarray, layer: int) -> dict[str, Any]:
+    """One layer's highest-ranked tokens of the eq. 1 representation, per neuron."""
+    rows = tops["rows"][layer]
+    return {
+        "r": rows.shape[1],
+        "tok": index_array(top_strings[rows].reshape(-1), np.zeros(rows.size, bool)),
+        "val": floats(tops["values"][layer]),
+    }
+
+
+def _examples_chunk(
+    sel: Any, part: np.ndarray, layer: int, first: int, scale: np.ndarray, quant: np.ndarray, tokens: np.ndarray
+) -> dict[str, Any]:
+    """One block of a layer's neurons with examples: activations, where each example comes from, shaded tokens."""
+    doc_type = np.int32 if sel.doc_id.max(initial=0) < 2**31 else np.float64
+    return {
+        "layer": layer,
+        "first": first,
+        "n": int(part.size),
+        "act": floats(sel.activation[part]),
+        "doc": typed(sel.doc_id[part].reshape(-1).astype(doc_type)),
+        "pos": typed(np.where(sel.doc_id[part] >= 0, sel.position[part], -1).reshape(-1).astype(np.int32)),
+        "scale": floats(scale[part]),
+        "tok": index_array(tokens[part].reshape(-1), tokens[part].reshape(-1) < 0),
+        "val": typed(quant[part].reshape(-1)),
+    }
 
 
 def _search_index(tops: Mapping[str, Any], layers: Sequence[int], width: int) -> dict[str, Any]:
