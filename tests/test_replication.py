@@ -215,3 +215,8 @@ def test_modularity_selectivity_and_overlap_claims_against_hand_computations(tmp
     text = claims.markdown(rows)
     table = [line for line in text.splitlines() if line.startswith("| `pochinkov")]
     assert len(table) == 2 and all(len(re.findall(r"(?<!\\)\|", line)) == 10 for line in table)
+    # overlaps that are all 0% (disjoint selections) leave r undefined, and the row says why
+    zero = overlap.assign(overlap=np.where(overlap["task_i"] == overlap["task_j"], 100.0, 0.0))
+    zero.to_csv(tmp_path / "overlap.csv", index=False)
+    rows = modularity_claims.evaluate(inputs, {"resamples": 500, "min_n": {}, "thresholds": {}, "upper": {}})
+    assert np.isnan(rows[1]["estimate"]) and rows[1]["verdict"] == "inconclusive" and "all 0%" in rows[1]["note"]

@@ -103,6 +103,19 @@ def pearson(trained: np.ndarray, random: np.ndarray, options: Mapping[str, Any])
     return statistics.bootstrap(np.arange(trained.size, dtype=np.float64), r, **options)
 
 
+def _overlap_note(trained: np.ndarray, random: np.ndarray, experiment: str) -> str:
+    """Why the correlation of the overlaps is undefined, when it is."""
+    if not trained.size:
+        return "no task pair has an overlap in both models (unreachable tasks have no selection)"
+    constant = [f"{role} (all {values[0]:g}%)" for role, values in (("trained", trained), ("random", random)) if np.ptp(values) == 0]
+    if not constant:
+        return ""
+    return (
+        f"r is undefined: the overlaps are constant in {' and '.join(constant)}; a reference pooled from the tasks themselves "
+        f"(modularity.experiments.{experiment}.reference unset) makes the selections of a few tasks disjoint"
+    )
+
+
 def evaluate(inputs: Mapping[str, Any], settings: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Rows per experiment: selectivity per drop, trained vs random overlaps, and (with MoE clusters) the Lorenz AUC."""
     import pandas as pd
@@ -141,7 +154,7 @@ def evaluate(inputs: Mapping[str, Any], settings: Mapping[str, Any]) -> list[dic
                     model,
                     experiment,
                     "vs its random twin, per ordered task pair",
-                    "" if trained.size else "no task pair has an overlap in both models (unreachable tasks have no selection)",
+                    _overlap_note(trained, random, experiment),
                 )
             )
         if "lorenz" not in files:
