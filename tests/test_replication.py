@@ -220,3 +220,38 @@ def test_modularity_selectivity_and_overlap_claims_against_hand_computations(tmp
     zero.to_csv(tmp_path / "overlap.csv", index=False)
     rows = modularity_claims.evaluate(inputs, {"resamples": 500, "min_n": {}, "thresholds": {}, "upper": {}})
     assert np.isnan(rows[1]["estimate"]) and rows[1]["verdict"] == "inconclusive" and "all 0%" in rows[1]["note"]
+
+
+def test_textualization_single_neuron_claims_against_hand_computations(tmp_path):
+    from neuronatlas.textualization import claims as textualization_claims
+
+    rng = np.random.default_rng(0)
+    n = 40
+    neurons = pd.DataFrame(
+        {
+            "layer": rng.integers(0, 6, n),
+            "act_word": rng.uniform(0.5, 1.5, n),
+            "act_optimized": np.r_[rng.uniform(5.0, 20.0, n - 2), 1.0, -0.5],  # one barely beats its word, one never rose
+        }
+    )
+    spaces = pd.DataFrame({"space": ["word"] * n, "closest_is_most_activating": [i % 8 == 0 for i in range(n)]})
+    neurons.to_csv(tmp_path / "neurons.csv", index=False)
+    spaces.to_csv(tmp_path / "spaces.csv", index=False)
+    inputs = {"models": {"m": {"single": {"neurons": str(tmp_path / "neurons.csv"), "spaces": str(tmp_path / "spaces.csv")}}}}
+    rows = textualization_claims.evaluate(inputs, {"resamples": 500, "descriptions": {"m": "a BERT"}})
+    by = {(r["claim_id"].split(".")[-1], r["scope"]): r for r in rows}
+    beats = by[("optimized_input_beats_word", "single neurons, resampled")]
+    assert beats["estimate"] == pytest.approx(neurons["act_optimized"].sum() / neurons["act_word"].sum()) and beats["n"] == n
+    positive = neurons[neurons["act_optimized"] > 0]
+    ratios = positive["act_word"] / positive["act_optimized"]
+    readings = {
+        "mean of per-neuron ratios": ratios.mean(),
+        "median of per-neuron ratios": ratios.median(),
+        "ratio of the mean activations": positive["act_word"].sum() / positive["act_optimized"].sum(),
+    }
+    for reading, value in readings.items():
+        r = by[("word_uses_small_share_of_potential", f"single neurons, {reading}")]
+        assert r["estimate"] == pytest.approx(value) and r["n"] == n - 1 and "1 neurons with a non-positive optimum" in r["note"]
+    assert by[("closest_word_is_not_most_activating", "`word` space")]["estimate"] == pytest.approx(1 - 5 / n)
+    fit = scipy_stats.linregress(neurons["layer"], neurons["act_optimized"])
+    assert by[("optimized_activation_falls_with_depth", "single neurons")]["estimate"] == pytest.approx(fit.slope)

@@ -34,7 +34,7 @@ WORD_USES_LITTLE = Claim(
     reference="section 4.2 (summary), Fig. 2",
     claim="Words use only a small share of a single neuron's activation potential (3% on average).",
     paper_value="3% on average (BERT-base, 924 neurons)",
-    statistic="mean over neurons of act(most activating word) / act(optimised input) (paired, neurons with a positive optimum)",
+    statistic="act(most activating word) / act(optimised input) over neurons with a positive optimum: mean, median, or ratio of means",
     rule="less",
     threshold=0.05,
     min_n=30,
@@ -115,10 +115,19 @@ def _single_rows(files: Mapping[str, str], settings: Mapping[str, Any], model: s
         )
     ]
     positive = neurons.loc[neurons["act_optimized"] > 0]
-    share = statistics.bootstrap((positive["act_word"] / positive["act_optimized"]).to_numpy(), **options)
+    ratios = (positive["act_word"] / positive["act_optimized"]).to_numpy()
     left_out = len(neurons) - len(positive)
-    extra = f"{left_out} neurons with a non-positive optimum left out" if left_out else ""
-    out.append(row(WORD_USES_LITTLE, share, settings, model, "", "single neurons", "; ".join(x for x in (extra, note) if x)))
+    extra = "; ".join(x for x in (f"{left_out} neurons with a non-positive optimum left out" if left_out else "", note) if x)
+    # "3% on average" does not say of what: each reading is its own row (a few neurons whose optimum barely beats their
+    # word dominate the mean of the ratios)
+    readings = {
+        "mean of per-neuron ratios": statistics.bootstrap(ratios, **options),
+        "median of per-neuron ratios": statistics.bootstrap(ratios, np.median, **options),
+        "ratio of the mean activations": statistics.ratio_of_sums(positive["act_word"], positive["act_optimized"], **options),
+    }
+    out += [
+        row(WORD_USES_LITTLE, estimate, settings, model, "", f"single neurons, {reading}", extra) for reading, estimate in readings.items()
+    ]
     for space, part in spaces.groupby("space", sort=True):
         differs = (~part["closest_is_most_activating"].astype(str).str.lower().isin(["true", "1"])).astype(float).to_numpy()
         out.append(row(CLOSEST_IS_NOT_TOP_WORD, statistics.bootstrap(differs, **options), settings, model, "", f"`{space}` space", note))
