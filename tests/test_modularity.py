@@ -125,6 +125,10 @@ def test_bisection_reports_unreachable_targets_and_what_it_reached_when_the_step
     assert len(res.history) == 4 and res.status == "not converged" and res.reachable
     reaching = [k for k, r in res.history if r <= 0.63]
     assert res.k == min(reaching) and res.relative <= 0.63
+    # a relative accuracy of 3/4 that rounding left one ulp above 0.75 reaches a 25% drop (accuracies are ratios of counts)
+    three_quarters = float(np.nextafter(0.75, 1.0))
+    res = pruning.bisect_pruning(lambda k: three_quarters if k >= 8 else 1.0, 64, 0.25, tolerance=0.1, max_fraction=1.0)
+    assert res.status == "converged" and res.reachable  # without the rounding margin: unreachable
     with pytest.raises(NeuronAtlasError):
         pruning.bisect_pruning(lambda k: 1.0, 10, 1.5)
 
@@ -166,6 +170,10 @@ def test_fractions_from_search_or_fixed(tmp_path):
     search.assign(status=["unreachable", "converged"]).to_csv(tmp_path / "u.csv", index=False)
     got = pruning.task_fractions(tasks, None, str(tmp_path / "u.csv"))
     assert got[0] == 0.02 and np.isnan(got[1])
+    # a search table without statuses cannot say which tasks were unreachable: an error naming the file
+    search.drop(columns="status").to_csv(tmp_path / "old.csv", index=False)
+    with pytest.raises(NeuronAtlasError, match="old.csv has no status column"):
+        pruning.task_fractions(tasks, None, str(tmp_path / "old.csv"))
 
 
 def test_mmlu_prompt_and_multiple_choice_objective(tiny_models):

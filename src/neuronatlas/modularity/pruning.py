@@ -254,6 +254,7 @@ def compute_scores(
 
 
 CONVERGED, NOT_CONVERGED, UNREACHABLE = "converged", "not converged", "unreachable"
+_ROUNDING = 1e-9  # relative accuracies this close to the target count as reaching it
 
 
 @dataclass
@@ -310,17 +311,20 @@ def bisect_pruning(
         history.append((k, r))
         return r
 
+    def reaches(r: float) -> bool:
+        return r <= target + _ROUNDING  # accuracies are ratios of counts: 3/4 of a base accuracy may be 0.75 + 1e-16
+
     def accepted(r: float) -> bool:
-        return target - tolerance <= r <= target
+        return target - tolerance <= r and reaches(r)
 
     r_hi = run(hi)
-    if not r_hi <= target:
+    if not reaches(r_hi):
         return SearchResult(hi, n_total, r_hi, target, False, False, history)
     lo = 0  # the largest k known to stay above the target (0: the unpruned model)
     while not accepted(r_hi) and len(history) < max_steps and hi - lo > 1:
         mid = min(max(int(round(math.sqrt(max(lo, 1) * hi))), lo + 1), hi - 1)
         r = run(mid)
-        if r > target:
+        if not reaches(r):
             lo = mid
         else:
             hi, r_hi = mid, r
@@ -380,6 +384,11 @@ def task_fractions(tasks: Sequence[Task], fraction: float | None, search_csv: st
     missing = [t.key for t in tasks if t.key not in search.index]
     if missing:
         raise NeuronAtlasError(f"{search_csv} has no search result for tasks {missing}")
+    if "status" not in search:
+        raise NeuronAtlasError(
+            f"{search_csv} has no status column (written by an older version, which could not mark unreachable tasks): "
+            f"delete it and re-run the workflow (rule modularity_prune re-creates it)"
+        )
     # a task whose drop is unreachable has no selection of that drop: NaN, left out of overlaps and Lorenz fractions
-    reached = search["status"] != UNREACHABLE if "status" in search else pd.Series(True, index=search.index)
+    reached = search["status"] != UNREACHABLE
     return np.array([float(search.loc[t.key, "fraction"]) if reached[t.key] else float("nan") for t in tasks])

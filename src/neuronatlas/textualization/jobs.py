@@ -27,7 +27,7 @@ def _load(params: Mapping[str, Any], manifest: str):
     from neuronatlas.textualization import optimization
 
     lm = load(manifest, params["device"], "float32", params["threads"])  # gradient ascent at lr 100 needs float32
-    return optimization.Textualizer(lm, params.get("site", "ffn_out"), params.get("length", 1))
+    return optimization.Textualizer(lm, params["site"], params["length"])
 
 
 def _vocab(tx: optimization.Textualizer) -> pd.DataFrame:
@@ -131,9 +131,9 @@ def textualization_targets(manifest: str, freq_inputs: Sequence[str], output: st
         params["n_frequent"],
         params["seed"],
         params["exclude_subwords"],
-        words=params.get("words", ()),
-        skip_top=params.get("frequent", {}).get("skip_top", 0),
-        min_length=params.get("frequent", {}).get("min_length", 1),
+        words=params["words"],
+        skip_top=params["frequent"]["skip_top"],
+        min_length=params["frequent"]["min_length"],
     )
     tables.write_csv(output, frame)
     print(f"{len(frame)} target words: {', '.join(frame['token'].head(12))} ...")
@@ -142,9 +142,9 @@ def textualization_targets(manifest: str, freq_inputs: Sequence[str], output: st
 
 def _ascent_kwargs(params: Mapping[str, Any]) -> dict[str, Any]:
     kwargs = {k: params[k] for k in ("steps", "lr", "optimizer", "init", "init_scale", "batch_size", "history_every")}
-    convergence = params.get("convergence", {})
-    kwargs.update(window=convergence.get("window", 0), tol=convergence.get("tol", 1e-3), stop=convergence.get("stop", False))
-    return {**kwargs, "clip_norm": params.get("clip_norm"), "lr_decay": params.get("lr_decay", 1.0)}
+    convergence = params["convergence"]
+    kwargs.update(window=convergence["window"], tol=convergence["tol"], stop=convergence["stop"])
+    return {**kwargs, "clip_norm": params["clip_norm"], "lr_decay": params["lr_decay"]}
 
 
 def _ascent_columns(res: optimization.Optimized) -> dict[str, np.ndarray]:
@@ -229,7 +229,7 @@ def textualization_single(manifest: str, scan_path: str, outputs: Mapping[str, s
             init=params["init"], init_scale=params["init_scale"], main=True
         )
     ]
-    for item in params.get("init_sweep", []):
+    for item in params["init_sweep"]:
         init, scale = item["init"], float(item.get("init_scale", 1.0))
         kwargs = {**_ascent_kwargs(params), "init": init, "init_scale": scale}
         other = optimization.maximise(tx, targets, seeds, progress=True, desc=f"init {init} x {scale:g}", **kwargs)
@@ -414,10 +414,10 @@ def textualization_tables(inputs: Mapping[str, Any], outputs: Mapping[str, str],
     from neuronatlas.textualization.paper_tables import group_tables, init_sweep_table, single_tables
 
     model, space, tol = params["model"], params["compare_space"], float(params["divergence_tol"])
-    convergence = params.get("convergence", {})
+    convergence = params["convergence"]
     stopping = (
-        f"a row stops once its best rose by ≤ {convergence.get('tol', 0):g} × |best| over {convergence.get('window', 0)} steps"
-        if convergence.get("stop") and convergence.get("window")
+        f"a row stops once its best rose by ≤ {convergence['tol']:g} × |best| over {convergence['window']} steps"
+        if convergence["stop"] and convergence["window"]
         else "every row runs all steps"
     )
     setup = f"{model}, site {params['site']}, {params['optimizer']} lr {params['lr']}, at most {params['steps']} steps ({stopping})"
