@@ -167,6 +167,46 @@ def test_index_shared_naive_and_index_clustering_detects_it():
     assert 0.5 < st2["ratio"] < 1.5
 
 
+def tiny_refined() -> dict[str, np.ndarray]:
+    """A refined clustering of 3 layers x width 4 (neuron id = layer * 4 + index), K = 4, written out by hand."""
+    # cluster 0: index 2 in layers 0, 1, 2 (one index); cluster 1: ids 0, 5, 9 = indices 0, 1, 1 (two indices);
+    # cluster 2: neuron 3 alone; cluster 3: neurons 4 and 8 (index 0 in layers 1 and 2: one index)
+    labels = np.full(12, 3, np.int64)
+    labels[[2, 6, 10]], labels[[0, 5, 9]], labels[3] = 0, 1, 2
+    survivors = np.array([0, 2, 3, 4, 5, 6, 8, 9, 10])  # neurons 1, 7, 11 were refined away (cluster 3)
+    return clustering.labels_table(labels, 4, survivors)
+
+
+def test_distinct_indices_and_single_index_collapse_by_hand():
+    cols = tiny_refined()
+    members, distinct = clustering.distinct_indices(cols["cluster"], cols["index"], k=5)  # cluster 4 is empty
+    assert members.tolist() == [3, 3, 1, 2, 0] and distinct.tolist() == [1, 2, 1, 1, 0]
+    # clusters with >= 2 members: 0, 1, 3; at one index: 0 and 3; distinct indices 1, 2, 1 -> median 1
+    summary = clustering.single_index_summary(cols["cluster"], cols["index"], k=5)
+    assert summary == {
+        "clusters_2plus": 3,
+        "single_index_clusters": 2,
+        "single_index_share": pytest.approx(2 / 3),
+        "median_distinct_indices": 1.0,
+    }
+    none = clustering.single_index_summary(np.array([0, 1]), np.array([0, 1]))  # only singletons: nothing to count
+    assert none["clusters_2plus"] == 0 and np.isnan(none["single_index_share"]) and np.isnan(none["median_distinct_indices"])
+
+
+def test_refinement_row_counts_distinct_indices_on_shared_index_sites_only():
+    from neuronatlas.clusters import jobs
+
+    cols = tiny_refined()
+    residual = jobs._refinement_row({"model": "m", "dataset": "d", "site": "residual"}, "filter", 4, cols, 12, 3)
+    assert residual["neurons_refined"] == 9 and residual["median_size_refined"] == 2.5  # sizes 3, 3, 1, 2
+    assert residual["clusters_2plus_refined"] == 3 and residual["single_index_clusters"] == 2 and residual["layers"] == 3
+    assert residual["single_index_share"] == pytest.approx(0.6667) and residual["median_distinct_indices"] == 1.0
+    # an mlp index names a different unit in every layer: the counts are left empty, the sizes are not
+    mlp = jobs._refinement_row({"model": "m", "dataset": "d", "site": "mlp"}, "filter", 4, cols, 12, 3)
+    assert mlp["clusters_2plus_refined"] == 3 and mlp["median_size_refined"] == 2.5
+    assert all(np.isnan(mlp[c]) for c in ("single_index_clusters", "single_index_share", "median_distinct_indices"))
+
+
 def test_centroid_path_is_seeded_and_recovers_clear_clusters():
     X, truth = blobs(600, 60, groups=5, noise=0.3, seed=2)
     t1 = clustering.build_tree(X, "centroids", n_centroids=40, projection_dims=16, seed=7)

@@ -158,6 +158,8 @@ def test_cluster_tables_equal_a_hand_computation_from_the_clusterings(run):
             sizes = refined["cluster"].value_counts().reindex(range(k), fill_value=0)
             assert row["neurons_refined"] == len(refined) and row["median_size_refined"] == float(sizes.median())
             assert row["singleton_clusters"] == int((sizes == 1).sum())
+            # the tiny DAG clusters mlp only, where an index names a different unit per layer: no distinct-index counts
+            assert row["clusters_2plus_refined"] == int((sizes >= 2).sum()) and np.isnan(row["median_distinct_indices"])
             full = pd.read_parquet(base / "clusters" / variant / f"k{k}.parquet")
             # share of neurons with a cluster mate at the same index (necessarily in another layer), by a plain loop
             mates = sum(

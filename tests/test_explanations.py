@@ -133,3 +133,24 @@ def test_figures_and_embedding_groups(tmp_path, tokenizers):
     figures.neuron_positions(cols["layer"], cols["index"], cols["cluster"], [0, 1], 2, 10, tmp_path / "f5.png")
     for i in (1, 2, 3, 5):
         assert (tmp_path / f"f{i}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_refinement_curves_plot_max_distance_against_neurons_remaining(tmp_path, monkeypatch):
+    from neuronatlas.clusters import figures
+
+    # cluster 0 refines 5 -> 3 neurons, cluster 1 (a single neuron) is never drawn
+    trace = {
+        "cluster": np.array([0, 0, 0, 1]),
+        "step": np.array([0, 1, 2, 0]),
+        "size": np.array([5, 4, 3, 1]),
+        "max_distance": np.array([0.9, 0.7, 0.4, 0.0]),
+        "removed_neuron_id": np.array([7, 2, -1, -1]),
+    }
+    drawn = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.update(fig=fig))
+    assert figures.refinement_curves(trace, tmp_path / "f1.png", 0.6) == [0]
+    ax = drawn["fig"].axes[0]
+    curve = ax.lines[0]
+    assert curve.get_xdata().tolist() == [5, 4, 3] and curve.get_ydata().tolist() == [0.9, 0.7, 0.4]
+    assert "neurons remaining" in ax.get_xlabel() and ax.xaxis_inverted()  # fewer neurons to the right
+    figures._plt().close(drawn["fig"])

@@ -120,6 +120,8 @@ def test_the_claims_stage_on_the_tiny_dag_and_a_verdict_that_flips_with_the_data
     assert set(table["verdict"]) <= {"reproduced", "not reproduced", "inconclusive"}
     falls = table[table.claim_id == "zhang.fig2.within_distance_falls_with_k"]
     assert len(falls) == 2 * len(cfg["representations"]["variants"])  # max and average distance per variant
+    refined = table[table.claim_id == "zhang.sec7.refined_size_around_10"]
+    assert len(refined) == len(cfg["representations"]["variants"]) * len(cfg["clustering"]["k"])  # claim_inputs names the refined files
     assert "# Replication report" in (R / "replication" / "claims.md").read_text()
     # the same stage on edited data: make every cluster's distance at the larger K exceed the smaller K's
     inputs = copy.deepcopy(replication_dag.inputs(cfg))
@@ -151,6 +153,43 @@ def test_the_claims_stage_on_the_tiny_dag_and_a_verdict_that_flips_with_the_data
     write_edited()
     rows = [r for r in replication_claims(inputs, outputs, settings) if r["claim_id"] == "zhang.fig2.within_distance_falls_with_k"]
     assert rows and all(r["verdict"] == "reproduced" for r in rows), rows
+
+
+def test_refined_size_claim_is_the_median_over_refined_clusters_and_notes_the_single_index_collapse(tmp_path):
+    from neuronatlas.clusters import claims as cluster_claims
+    from neuronatlas.clusters import clustering
+
+    # K = 12 refined clusters on 13 layers x width 16: cluster c < 11 keeps its sizes[c] neurons at index c in
+    # layers 0.., cluster 11 keeps 20 neurons at indices 11 and 12 (layers 0..9 each)
+    sizes = [3, 5, 7, 8, 9, 10, 10, 11, 12, 13, 13, 20]
+    layer = np.r_[np.concatenate([np.arange(s) for s in sizes[:11]]), np.arange(10), np.arange(10)]
+    index = np.r_[np.repeat(np.arange(11), sizes[:11]), np.full(10, 11), np.full(10, 12)]
+    cluster = np.r_[np.repeat(np.arange(11), sizes[:11]), np.full(20, 11)]
+    columns = {"neuron_id": layer * 16 + index, "layer": layer, "index": index, "cluster": cluster}
+    pd.DataFrame({"cluster": range(12), "size": sizes, "max_distance": 0.5, "avg_distance": 0.3}).to_csv(tmp_path / "d.csv", index=False)
+    inputs = {"sites": {}}
+    for site in ("residual", "mlp"):
+        clustering.write_parquet(tmp_path / f"{site}.parquet", {k: v.astype(np.int64) for k, v in columns.items()}, {"n_layers": 13})
+        inputs["sites"][f"m/d/{site}"] = {
+            "distances": {"filter": {"12": str(tmp_path / "d.csv")}},
+            "clusterings": {"filter": {"12": str(tmp_path / f"{site}.parquet")}},
+            "refined": {"filter": {"12": str(tmp_path / f"{site}.parquet")}},
+        }
+    settings = {"resamples": 500, "seed": 0}
+    rows = [r for r in cluster_claims.evaluate(inputs, settings) if r["claim_id"] == "zhang.sec7.refined_size_around_10"]
+    assert [r["scope"] for r in rows] == ["residual, filter, K 12", "mlp, filter, K 12"]
+    expected = statistics.bootstrap(sizes, np.median, resamples=500, seed=0)
+    for r in rows:  # the median of 12 sizes: (10 + 10) / 2
+        assert r["estimate"] == 10.0 and r["n"] == 12 and (r["ci_low"], r["ci_high"]) == (expected.low, expected.high)
+        assert 5 <= r["ci_low"] <= 10 <= r["ci_high"] <= 20 and r["verdict"] == "reproduced" and "[5, 20]" in r["decision"]
+    # residual: 11 of the 12 clusters sit at one index; mlp indices mean nothing across layers, so no note
+    note = rows[0]["note"]
+    assert note.startswith("11 of 12 refined clusters with ≥ 2 neurons sit at one index") and "at most 13 neurons" in note
+    assert rows[1]["note"] == ""
+    # the band is the config's: moved above the interval, the same data is not reproduced
+    moved = cluster_claims.evaluate(inputs, {**settings, "thresholds": {"zhang.sec7.refined_size_around_10": 15.0}})
+    assert {r["verdict"] for r in moved if r["claim_id"] == "zhang.sec7.refined_size_around_10"} == {"not reproduced"}
+    assert cluster_claims.refined_sizes(np.array([0, 0, 2]), 4).tolist() == [2, 1]  # clusters 1 and 3 kept no neuron
 
 
 def test_modularity_selectivity_and_overlap_claims_against_hand_computations(tmp_path):

@@ -3,6 +3,7 @@ word vectors (GloVe, .vec, fastText .bin) against hand-computed examples and nai
 
 from __future__ import annotations
 
+import copy
 import struct
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pytest
 from neuronatlas.clusters import representations, vectors
 from neuronatlas.core import store
 from neuronatlas.core.errors import AssetMissingError, NeuronAtlasError
+
+import helpers
 
 
 def make_store(path: Path, token_ids, counts, sums, model="m", dataset="d", site="mlp", shard=0) -> Path:
@@ -144,13 +147,65 @@ def test_tfidf_hand_computed():
     R = np.array([[2.0, -1.0, 0.5], [1.0, 3.0, -2.0], [0.0, 1.0, 4.0]], np.float32)
     # df: token0 -> 2 (neurons 0,1), token1 -> 2 (1,2), token2 -> 2 (0,2); N = 3
     idf = np.log(4 / 3) + 1
-    clip = representations.tfidf(R, "clip")
+    clip = representations.tfidf(R, "clip", "positive")
     np.testing.assert_allclose(clip, np.maximum(R, 0) * idf, rtol=1e-6)
     R2 = np.array([[1.0, 1.0], [2.0, -1.0]], np.float32)  # df = [2, 1]
     expect = np.array([[1 * (np.log(3 / 3) + 1), 1 * (np.log(3 / 2) + 1)], [2 * 1.0, -1 * (np.log(3 / 2) + 1)]])
-    np.testing.assert_allclose(representations.tfidf(R2, "signed"), expect, rtol=1e-6)
+    np.testing.assert_allclose(representations.tfidf(R2, "signed", "positive"), expect, rtol=1e-6)
     with pytest.raises(NeuronAtlasError):
         representations.tfidf(R2, "abs")
+
+
+# three neurons, four tokens; neuron 2 is negative everywhere, neurons 0 and 1 positive everywhere
+R_DF = np.array([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0], [-5.0, -1.0, -2.0, -3.0]], np.float32)
+
+
+def test_quantile_document_frequency_hand_computed():
+    # positive: neurons 0 and 1 contain every token, neuron 2 none -> the same df (and idf) for every token
+    assert representations.document_frequency(R_DF, "positive").tolist() == [2, 2, 2, 2]
+    # q = 0.5 (linear interpolation): thresholds 2.5, 2.5, (-3 + -2) / 2 = -2.5
+    # neuron 0 contains tokens 2, 3; neuron 1 tokens 0, 1; neuron 2 tokens 1 (-1), 2 (-2)
+    assert representations.document_frequency(R_DF, "quantile", 0.5).tolist() == [1, 2, 2, 1]
+    # q = 0.75: position 0.75 * 3 = 2.25 between the 3rd and 4th sorted values: 3.25, 3.25, -2 + 0.25 = -1.75
+    # neuron 0 contains token 3; neuron 1 token 0; neuron 2 token 1
+    assert representations.document_frequency(R_DF, "quantile", 0.75).tolist() == [1, 1, 0, 1]
+    # row blocks give the same counts
+    assert representations.document_frequency(R_DF, "quantile", 0.5, block=1).tolist() == [1, 2, 2, 1]
+    out = representations.tfidf(R_DF, "clip", "quantile", 0.5)
+    idf = np.array([np.log(4 / 2) + 1, np.log(4 / 3) + 1, np.log(4 / 3) + 1, np.log(4 / 2) + 1])
+    np.testing.assert_allclose(out, np.maximum(R_DF, 0) * idf[None, :], rtol=1e-6)
+    with pytest.raises(NeuronAtlasError, match="document frequency"):
+        representations.document_frequency(R_DF, "count")
+    with pytest.raises(NeuronAtlasError, match="quantile"):
+        representations.tfidf_representation(toy(R_DF), "clip", "quantile", 1.0)
+
+
+def test_tfidf_recipe_reads_back_its_document_frequency():
+    rep = representations.tfidf_representation(toy(R_DF), "clip", "quantile", 0.75)
+    assert rep.attrs["tfidf_document_frequency"] == "quantile" and rep.attrs["tfidf_quantile"] == 0.75
+    np.testing.assert_array_equal(representations.transformed(R_DF, rep), representations.tfidf(R_DF, "clip", "quantile", 0.75))
+    del rep.attrs["tfidf_document_frequency"], rep.attrs["tfidf_quantile"]  # a file written before the option
+    np.testing.assert_array_equal(representations.transformed(R_DF, rep), representations.tfidf(R_DF, "clip", "positive"))
+
+
+def test_tfidf_settings_reach_only_the_tfidf_jobs(tmp_path):
+    from neuronatlas.clusters import dag as clusters_dag
+    from neuronatlas.core import config as core_config
+
+    base = core_config.validate(helpers.tiny_config(tmp_path))
+    assert base["representations"]["tfidf_document_frequency"] == "quantile"
+    edited = copy.deepcopy(base)
+    edited["representations"]["tfidf_quantile"] = 0.8
+    positive = copy.deepcopy(base)
+    positive["representations"]["tfidf_document_frequency"] = "positive"
+    positive_q = copy.deepcopy(positive)
+    positive_q["representations"]["tfidf_quantile"] = 0.8
+    for variant in representations.VARIANTS:
+        p = {n: clusters_dag.representation_params(c, "fix", variant) for n, c in [("base", base), ("q", edited), ("pos", positive)]}
+        assert (p["base"] != p["q"]) == (variant == "tfidf") and (p["base"] != p["pos"]) == (variant == "tfidf")
+    assert clusters_dag.representation_params(base, "fix", "tfidf")["quantile"] == 0.9
+    # under positive the quantile is unused: editing it re-runs nothing
+    assert clusters_dag.representation_params(positive, "fix", "tfidf") == clusters_dag.representation_params(positive_q, "fix", "tfidf")
 
 
 def test_neighbours_and_smoothing_hand_computed():
@@ -171,6 +226,29 @@ def test_neighbours_and_smoothing_hand_computed():
             expect[:, v] += 0.5 / 2 * sv * R[:, i]
     np.testing.assert_allclose(out, expect, rtol=1e-6)
     assert np.array_equal(out[:, 3], R[:, 3])  # no vector: unchanged
+
+
+def test_word_piece_never_neighbours_its_own_word():
+    # ##ing and ing share the key "ing" and so one vector: without the exclusion each is the other's first
+    # neighbour at similarity 1
+    rep = toy([[1, 2, 3, 4], [5, 6, 7, 8]])
+    rep.tokens = ["##ing", "ing", "ed", "s"]
+    rep.text = ["##ing", "ing", "ed", "s"]
+    vec = DictVectors({"ing": [1, 0], "ed": [1, 1], "s": [0, 1]})
+    out = representations.smooth_representation(rep, vec, k=3, lam=0.5)
+    s = 1 / np.sqrt(2)
+    # ##ing and ing: only ed (1/sqrt 2) and s (0) are left; the third slot stays empty
+    for v in (0, 1):
+        assert out.neighbour_index[v].tolist() == [2, 3, -1]
+        assert out.neighbour_similarity[v] == pytest.approx([s, 0.0, 0.0], abs=1e-6)
+    # other tokens may neighbour both forms (ed: a three-way tie at 1/sqrt 2, broken by column)
+    assert out.neighbour_index[2].tolist() == [0, 1, 3]
+    R = rep.values.astype(np.float64)
+    np.testing.assert_allclose(out.values[:, 0], R[:, 0] + 0.5 / 3 * (s * R[:, 2] + 0 * R[:, 3]), rtol=1e-6)
+    np.testing.assert_allclose(out.values[:, 1], R[:, 1] + 0.5 / 3 * (s * R[:, 2] + 0 * R[:, 3]), rtol=1e-6)
+    # without keys (the plain function) they are each other's neighbours at 1: what the keys prevent
+    idx, sim = representations.neighbours(np.array([[1, 0], [1, 0], [1, 1]], np.float32), np.ones(3, bool), k=1)
+    assert idx[:2, 0].tolist() == [1, 0] and sim[0, 0] == pytest.approx(1.0)
 
 
 def test_vector_keys():

@@ -1,13 +1,16 @@
 """Claims of Zhang, Gu & Yao that the cluster method's outputs decide (the replication report's rows).
 
 Units of every interval are clusters: the within-cluster distances of `clusters/<variant>/k<K>-distances.csv`
-(written by clusters_cut at the K values of clustering.k) and the clusterings themselves.
+(written by clusters_cut at the K values of clustering.k), the clusterings themselves and their refinements
+(`k<K>-refined.parquet`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from neuronatlas.replication import statistics
 from neuronatlas.replication.claims import Claim, row
@@ -48,7 +51,19 @@ INDEX_CLUSTERS = Claim(
     rule="greater",
     threshold=0.0,
 )
-CLAIMS = [DISTANCE_FALLS, VARIANTS_SIMILAR, INDEX_CLUSTERS]
+REFINED_SIZE = Claim(
+    id="zhang.sec7.refined_size_around_10",
+    paper=PAPER,
+    reference="section 7.1 (refinement: section 5.3, Fig. 1)",
+    claim="After refinement the number of neurons per cluster reduces to around 10.",
+    paper_value="'after refinement, the number of neurons per cluster reduces to around 10' (BERT-base, C4 and Yelp, K = 50 and 200, "
+    "filter + refine)",
+    statistic="median neurons per refined cluster, over refined clusters with ≥ 1 neuron",
+    rule="within",
+    threshold=5.0,  # "around" is not quantified in the paper: [5, 20] (half to twice 10) is this report's reading
+    upper=20.0,
+)
+CLAIMS = [DISTANCE_FALLS, VARIANTS_SIMILAR, INDEX_CLUSTERS, REFINED_SIZE]
 
 
 def _options(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -68,6 +83,8 @@ def evaluate(inputs: Mapping[str, Any], settings: Mapping[str, Any]) -> list[dic
         if site == "residual" and index_table is not None:
             baseline = index_table[(index_table.model == model) & (index_table.dataset == dataset) & (index_table.site == site)]
             rows += _index_rows(files["clusterings"], baseline, settings, model, dataset, site)
+        if files.get("refined"):
+            rows += _refined_size_rows(files["refined"], settings, model, dataset, site)
     return rows
 
 
@@ -128,4 +145,34 @@ def _index_rows(
                     f"share {estimate.value:.3f} vs random {mean:.3f}",
                 )
             )
+    return out
+
+
+def refined_sizes(cluster: np.ndarray, k: int) -> np.ndarray:
+    """Neurons per refined cluster (ids 0..k-1 of the unrefined cut), over the clusters that kept at least one."""
+    sizes = np.bincount(np.asarray(cluster, np.int64), minlength=k)
+    return sizes[sizes >= 1]
+
+
+def _refined_size_rows(
+    refined: Mapping[str, Mapping[str, str]], settings: Mapping[str, Any], model: str, dataset: str, site: str
+) -> list[dict[str, Any]]:
+    """Median refined cluster size per variant and K; on a shared-index site the note counts single-index clusters."""
+    from neuronatlas.clusters import clustering  # h5py with it: only when the claims are evaluated
+
+    out = []
+    for variant, by_k in refined.items():
+        for k, path in by_k.items():
+            columns = clustering.read_parquet(path)
+            estimate = statistics.bootstrap(refined_sizes(columns["cluster"], int(k)), np.median, **_options(settings))
+            note = ""
+            if site in clustering.SHARED_INDEX_SITES:
+                spread = clustering.single_index_summary(columns["cluster"], columns["index"], int(k))
+                layers = clustering.parquet_metadata(path).get("n_layers")
+                note = (
+                    f"{spread['single_index_clusters']} of {spread['clusters_2plus']} refined clusters with ≥ 2 neurons sit at one "
+                    f"index across layers (median distinct indices {spread['median_distinct_indices']:g})"
+                    + (f"; such a cluster holds at most {layers} neurons, one per layer" if layers else "")
+                )
+            out.append(row(REFINED_SIZE, estimate, settings, model, dataset, f"{site}, {variant}, K {k}", note))
     return out

@@ -470,6 +470,36 @@ def index_shared(labels: np.ndarray, index: np.ndarray) -> np.ndarray:
     return counts[inv.ravel()] >= 2
 
 
+# Sites whose index names one coordinate in every layer: the residual stream, and the block outputs written into
+# it. An mlp index names a different hidden unit in every layer, so counting distinct indices means nothing there.
+SHARED_INDEX_SITES = ("residual", "ffn_out")
+
+
+def distinct_indices(labels: np.ndarray, index: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(members, distinct index positions among the members) per cluster id 0..k-1 (0 and 0 for an empty cluster)."""
+    labels, index = np.asarray(labels, np.int64), np.asarray(index, np.int64)
+    k = (int(labels.max()) + 1 if labels.size else 0) if k is None else k
+    if labels.size == 0:
+        return np.zeros(k, np.int64), np.zeros(k, np.int64)
+    span = int(index.max()) + 1
+    pairs = np.unique(labels * span + index)
+    return np.bincount(labels, minlength=k), np.bincount(pairs // span, minlength=k)
+
+
+def single_index_summary(labels: np.ndarray, index: np.ndarray, k: int | None = None) -> dict[str, float]:
+    """Over clusters with ≥ 2 members: their count, how many sit at a single index, that share, median distinct indices."""
+    members, distinct = distinct_indices(labels, index, k)
+    multi = members >= 2  # a single member trivially sits at one index: not a collapse
+    n = int(multi.sum())
+    single = int((distinct[multi] == 1).sum())
+    return {
+        "clusters_2plus": n,
+        "single_index_clusters": single,
+        "single_index_share": single / n if n else float("nan"),
+        "median_distinct_indices": float(np.median(distinct[multi])) if n else float("nan"),
+    }
+
+
 def index_clustering(
     labels: np.ndarray, index: np.ndarray, n_total: int, total_index: np.ndarray, n_random: int = 100, seed: int = 0
 ) -> dict[str, float]:

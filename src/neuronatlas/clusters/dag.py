@@ -119,7 +119,10 @@ def representation_params(config: Mapping[str, Any], dataset: str, variant: str)
     if variant == "filter":
         return {"variant": "filter", "min_count": min_count(config, dataset)}
     if variant == "tfidf":
-        return {"variant": "tfidf", "negative": rep["tfidf_negative"]}
+        out = {"variant": "tfidf", "negative": rep["tfidf_negative"], "document_frequency": rep["tfidf_document_frequency"]}
+        if rep["tfidf_document_frequency"] == "quantile":  # the quantile matters (and re-runs jobs) only here
+            out["quantile"] = rep["tfidf_quantile"]
+        return out
     if variant == "smooth":
         smoothing = rep["smoothing"]
         return {"variant": "smooth", "vectors": vectors_source(config), "neighbors": smoothing["neighbors"], "lambda": smoothing["lambda"]}
@@ -313,8 +316,8 @@ def table_outputs(results: str) -> dict[str, str]:
 
 
 def claim_inputs(config: Mapping[str, Any]) -> dict[str, Any]:
-    """What the replication report reads of this method: per-cluster distances and clusterings per variant and K,
-    the index table."""
+    """What the replication report reads of this method: per-cluster distances, clusterings and refined clusterings
+    per variant and K, the index table."""
     if not enabled(config):
         return {}
     results = config["results_dir"]
@@ -324,6 +327,7 @@ def claim_inputs(config: Mapping[str, Any]) -> dict[str, Any]:
         sites[f"{m}/{d}/{s}"] = {
             "distances": {v: {str(k): f"{folder}/k{k}-distances.csv" for k in ks(config)} for v, folder in folders.items()},
             "clusterings": {v: {str(k): f"{folder}/k{k}.parquet" for k in ks(config)} for v, folder in folders.items()},
+            "refined": {v: {str(k): f"{folder}/k{k}-refined.parquet" for k in ks(config)} for v, folder in folders.items()},
         }
     return {"sites": sites, "index_table": table_outputs(results)["index_clustering_csv"]}
 

@@ -15,11 +15,10 @@ from neuronatlas.core.figures import save_figure as _save
 def refinement_curves(
     trace: Mapping[str, np.ndarray], path: str | Path, threshold: float, n_clusters: int = 8, seed: int = 0, title: str = ""
 ) -> list[int]:
-    """Fig. 1: max distance of a member to its cluster centre after each refinement step, for random clusters.
-
-    Returns the clusters drawn (seeded, among clusters with at least 2 members).
-    """
+    """Fig. 1: max distance to the cluster centre against the neurons remaining; returns the clusters drawn (seeded, ≥ 2 members)."""
     plt = _plt()
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     cl = np.asarray(trace["cluster"])
     size0 = {int(c): int(s) for c, s, st in zip(cl, trace["size"], trace["step"]) if st == 0}
     cand = sorted(c for c, s in size0.items() if s >= 2)
@@ -29,7 +28,7 @@ def refinement_curves(
     for c in pick:
         m = cl == c
         ax.plot(
-            np.asarray(trace["step"])[m],
+            np.asarray(trace["size"])[m],
             np.asarray(trace["max_distance"])[m],
             marker=".",
             ms=3,
@@ -37,7 +36,15 @@ def refinement_curves(
             label=f"cluster {c} ({size0[c]} neurons)",
         )
     ax.axhline(threshold, color="k", ls=":", lw=1, label=f"threshold {threshold:g}")
-    ax.set_xlabel("refinement step (neurons removed)")
+    ax.axvline(10, color="grey", ls="--", lw=0.8, label="10 remaining (paper's reading)")
+    # the paper reads the curves at "around 10 remaining neurons", so x is the remaining size, inverted so that
+    # refinement runs rightwards; sizes span 1 to hundreds, and a log axis keeps the region around 10 readable
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlim(max([size0[c] for c in pick] + [12]) * 1.1, 0.9)  # the x = 10 line stays in view
+    ax.set_xlabel("neurons remaining in the cluster (log scale, decreasing to the right)")
     ax.set_ylabel("max distance to cluster centre")
     ax.set_title(title or "Refinement curves", fontsize=10)
     ax.legend(fontsize=7, ncol=2)

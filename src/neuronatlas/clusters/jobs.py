@@ -35,7 +35,10 @@ def clusters_representation(variant: str, inputs: Mapping[str, str], output: str
                 f"{rep.attrs['n_tokens_before_filter']} tokens kept"
             )
         elif variant == "tfidf":
-            rep = representations.tfidf_representation(source, params["negative"])
+            # params hold a quantile only under the quantile reading; positive ignores the argument
+            rep = representations.tfidf_representation(
+                source, params["negative"], params["document_frequency"], float(params.get("quantile", 0.9))
+            )
         elif variant == "smooth":
             from neuronatlas.clusters import vectors
 
@@ -286,7 +289,8 @@ def clusters_bootstrap(
         if params["variant"] != "raw":
             rep = representations.frequency_filter(rep, int(params["min_count"]))
         if params["variant"] == "tfidf":
-            rep = representations.tfidf_representation(rep, params["representation"]["negative"])
+            r = params["representation"]
+            rep = representations.tfidf_representation(rep, r["negative"], r["document_frequency"], float(r.get("quantile", 0.9)))
         elif params["variant"] == "smooth":
             r = params["representation"]
             rep = representations.smooth_representation(rep, vec, int(r["neighbors"]), float(r["lambda"]))
@@ -333,7 +337,7 @@ def clusters_tables(inputs: Mapping[str, Any], outputs: Mapping[str, str], param
         base = next(iter(reps.values()))
         for (v, k), (full, refined) in clusterings.items():
             rows["index_clustering"] += _index_rows(triple, v, k, full, refined, base, int(params["index_random"]), int(params["seed"]))
-            rows["refinement"].append(_refinement_row(triple, v, k, refined, base.n_neurons))
+            rows["refinement"].append(_refinement_row(triple, v, k, refined, base.n_neurons, base.n_layers))
         rows["stability"] += _stability_rows(triple, clusterings, params)
         if inputs.get("bootstrap", {}).get(key):
             rows["stability"] += _bootstrap_rows(triple, tables.read_rows(inputs["bootstrap"][key]), params)
@@ -345,7 +349,11 @@ def clusters_tables(inputs: Mapping[str, Any], outputs: Mapping[str, str], param
 
 CAPTIONS = {
     "tokens": "Tokens per representation (raw: after dropping special tokens; filter: after the frequency threshold)",
-    "refinement": "Refinement (section 5.3): neurons surviving, cluster sizes after refinement",
+    "refinement": "Refinement (section 5.3): neurons surviving, cluster sizes after refinement, and how many distinct "
+    "index positions the refined clusters with 2+ neurons span (single_index_clusters: all members at one index "
+    "across layers, so at most `layers` neurons; single_index_share: their share; median_distinct_indices). Distinct "
+    "indices are counted on sites whose index is one coordinate in every layer (residual, ffn_out); on mlp an index "
+    "names a different unit in every layer, so those columns are empty",
     "within_distance": "Within-cluster distances vs K (section 6.1, Fig. 2): means over clusters with 2+ neurons",
     "index_clustering": "Index clustering (section 7.3): share of clustered neurons that share an index position with "
     "a cluster mate in another layer, vs random clusters of the same sizes",
@@ -402,18 +410,28 @@ def _index_rows(
     return out
 
 
-def _refinement_row(triple: Mapping[str, str], variant: str, k: int, refined: Mapping[str, np.ndarray], n_total: int) -> dict[str, Any]:
-    """Neurons surviving refinement and the refined cluster sizes."""
+def _refinement_row(
+    triple: Mapping[str, str], variant: str, k: int, refined: Mapping[str, np.ndarray], n_total: int, n_layers: int
+) -> dict[str, Any]:
+    """Neurons surviving refinement, the refined cluster sizes and how many distinct indices the refined clusters span."""
     sizes = np.bincount(refined["cluster"], minlength=k)
+    spread = clustering.single_index_summary(refined["cluster"], refined["index"], k)
+    if triple["site"] not in clustering.SHARED_INDEX_SITES:  # an index names a different unit per layer: NaN, see CAPTIONS
+        spread.update(single_index_clusters=float("nan"), single_index_share=float("nan"), median_distinct_indices=float("nan"))
     return {
         **triple,
         "variant": variant,
         "k": k,
         "neurons": n_total,
+        "layers": n_layers,  # the most members a refined cluster at a single index can have
         "neurons_refined": int(refined["cluster"].size),
         "mean_size_refined": round(float(sizes.mean()), 2),
         "median_size_refined": float(np.median(sizes)),
         "singleton_clusters": int((sizes == 1).sum()),
+        "clusters_2plus_refined": spread["clusters_2plus"],
+        "single_index_clusters": spread["single_index_clusters"],
+        "single_index_share": round(spread["single_index_share"], 4),
+        "median_distinct_indices": spread["median_distinct_indices"],
     }
 
 

@@ -167,7 +167,13 @@ def transformed(means: np.ndarray, rep: Representation) -> np.ndarray:
     """The variant's values from the (N, T) eq. 1 means of its tokens (raw and filter: the means themselves)."""
     variant = rep.attrs.get("variant")
     if variant == "tfidf":
-        return tfidf(means, rep.attrs.get("tfidf_negative", "clip"))
+        # files written before the document-frequency option counted positive means
+        return tfidf(
+            means,
+            rep.attrs.get("tfidf_negative", "clip"),
+            rep.attrs.get("tfidf_document_frequency", "positive"),
+            float(rep.attrs.get("tfidf_quantile", 0.9)),
+        )
     if variant == "smooth":
         return smooth(
             means, rep.neighbour_index, rep.neighbour_similarity, float(rep.attrs["smoothing_lambda"]), int(rep.attrs["smoothing_k"])
@@ -333,24 +339,50 @@ def frequency_filter(rep: Representation, min_count: int) -> Representation:
     return out
 
 
-def tfidf(values: np.ndarray, negative: str = "clip") -> np.ndarray:
+DOCUMENT_FREQUENCIES = ("positive", "quantile")
+
+
+def document_frequency(values: np.ndarray, reading: str = "quantile", quantile: float = 0.9, block: int = 1024) -> np.ndarray:
+    """(T,) int64 number of neurons (rows) that "contain" each token (column).
+
+    ``positive``: R[n, v] > 0. ``quantile``: R[n, v] exceeds neuron n's own `quantile`-quantile over the tokens
+    (numpy's linear interpolation), so every neuron contains about the same share of tokens whatever its offset
+    and scale. The paper does not say when a neuron contains a token; both are readings.
+    """
+    if reading not in DOCUMENT_FREQUENCIES:
+        raise NeuronAtlasError(f"tfidf document frequency {reading!r} unknown; allowed: {', '.join(DOCUMENT_FREQUENCIES)}")
+    if reading == "positive":
+        return (values > 0).sum(axis=0, dtype=np.int64)
+    if not 0.0 <= quantile < 1.0:
+        raise NeuronAtlasError(f"tfidf quantile must be in [0, 1), got {quantile}")
+    df = np.zeros(values.shape[1], np.int64)
+    for r0 in range(0, values.shape[0], block):  # row blocks: np.quantile copies its input
+        rows = values[r0 : r0 + block]
+        df += (rows > np.quantile(rows, quantile, axis=1, keepdims=True)).sum(axis=0, dtype=np.int64)
+    return df
+
+
+def tfidf(values: np.ndarray, negative: str = "clip", document: str = "quantile", quantile: float = 0.9) -> np.ndarray:
     """TF-IDF with each neuron (row) a document and each token (column) a term.
 
     tf[n, v] = max(R[n, v], 0) (``clip``: a negative mean activation counts as absence of the term) or
-    R[n, v] (``signed``: the sign is kept, only the token weights change); df[v] = number of neurons with
-    R[n, v] > 0; idf[v] = ln((1 + N) / (1 + df[v])) + 1 (smoothed, as scikit-learn); result tf * idf.
+    R[n, v] (``signed``: the sign is kept, only the token weights change); df[v] = the neurons containing v
+    (`document`, see :func:`document_frequency`); idf[v] = ln((1 + N) / (1 + df[v])) + 1 (smoothed, as
+    scikit-learn); result tf * idf.
     """
     if negative not in ("clip", "signed"):
         raise NeuronAtlasError(f"tfidf negative handling {negative!r} unknown; allowed: clip, signed")
     n = values.shape[0]
-    df = (values > 0).sum(axis=0, dtype=np.int64)
+    df = document_frequency(values, document, quantile)
     idf = (np.log((1.0 + n) / (1.0 + df)) + 1.0).astype(np.float32)
     tf = np.maximum(values, 0) if negative == "clip" else values
     return (tf * idf[None, :]).astype(np.float32)
 
 
-def neighbours(vectors: np.ndarray, has_vector: np.ndarray, k: int = 5, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k cosine neighbours of each token among the other tokens that have a vector.
+def neighbours(
+    vectors: np.ndarray, has_vector: np.ndarray, k: int = 5, block: int = 2048, keys: Sequence[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k cosine neighbours of each token among the other tokens that have a vector (and, given `keys`, another key).
 
     Returns (idx, sim), both (T, k); rows of tokens without a vector (or fewer than k candidates) hold -1 / 0.
     Ties are broken by the lower column index (deterministic).
@@ -361,6 +393,8 @@ def neighbours(vectors: np.ndarray, has_vector: np.ndarray, k: int = 5, block: i
     cand = np.flatnonzero(has_vector)
     if cand.shape[0] < 2:
         return idx, sim
+    codes: dict[str, int] = {}
+    group = None if keys is None else np.array([codes.setdefault(key, len(codes)) for key in keys], np.int64)[cand]
     V = vectors[cand].astype(np.float32)
     norms = np.linalg.norm(V, axis=1, keepdims=True)
     V = V / np.where(norms > 0, norms, 1)
@@ -369,14 +403,18 @@ def neighbours(vectors: np.ndarray, has_vector: np.ndarray, k: int = 5, block: i
         b1 = min(cand.shape[0], b0 + block)
         S = V[b0:b1] @ V.T  # (b, C)
         S[np.arange(b1 - b0), np.arange(b0, b1)] = -np.inf  # never its own neighbour
+        if group is not None:
+            S[group[b0:b1, None] == group[None, :]] = -np.inf  # nor a token of its own key
         part = np.argpartition(-S, kk - 1, axis=1)[:, :kk] if kk < S.shape[1] else np.tile(np.arange(S.shape[1]), (b1 - b0, 1))
         # order the selected by (-sim, column); a stable sort on the column-sorted candidates breaks ties by column
         part.sort(axis=1)
         vals = np.take_along_axis(S, part, axis=1)
         order = np.argsort(-vals, axis=1, kind="stable")
         part = np.take_along_axis(part, order, axis=1)
-        idx[cand[b0:b1], :kk] = cand[part]
-        sim[cand[b0:b1], :kk] = np.take_along_axis(vals, order, axis=1)
+        vals = np.take_along_axis(vals, order, axis=1)
+        ok = np.isfinite(vals)  # excluded candidates (-inf) fill a row only when it has fewer than kk others
+        idx[cand[b0:b1], :kk] = np.where(ok, cand[part], -1)
+        sim[cand[b0:b1], :kk] = np.where(ok, vals, 0)
     return idx, sim
 
 
@@ -416,7 +454,12 @@ def smooth_representation(rep: Representation, vectors: Any, k: int = 5, lam: fl
     """Variant smooth from a filter representation and a word-vector table (``vectors.WordVectors``)."""
     keys = [vector_key(t, tok) for t, tok in zip(rep.text, rep.tokens)]
     mat, found = vectors.lookup(keys)
-    nb_idx, nb_sim = neighbours(mat, found, k)
+    # Tokens of one key (``##ing`` and ``ing``; ``▁the``, ``the`` and ``The``) share one looked-up vector, so
+    # their similarity 1 is made by the lookup, not measured: the vector is the word's and says nothing about
+    # how the piece relates to it. They are kept out of each other's neighbours, which holds for every vector
+    # source; a key of its own for ``##`` pieces would not (GloVe has no pieces, fastText's n-gram vector of
+    # ``##ing`` is still close to ``ing``).
+    nb_idx, nb_sim = neighbours(mat, found, k, keys=keys)
     values = smooth(rep.values, nb_idx, nb_sim, lam, k) if rep.values.size else rep.values
     out = Representation(
         values, rep.token_ids, rep.token_count, rep.tokens, rep.text, rep.n_layers, rep.width, dict(rep.attrs), nb_idx, nb_sim
@@ -436,10 +479,11 @@ def smooth_representation(rep: Representation, vectors: Any, k: int = 5, lam: fl
     return out
 
 
-def tfidf_representation(rep: Representation, negative: str = "clip") -> Representation:
+def tfidf_representation(rep: Representation, negative: str = "clip", document: str = "quantile", quantile: float = 0.9) -> Representation:
     """Variant tfidf from a filter representation."""
+    document_frequency(np.zeros((1, 1), np.float32), document, quantile)  # a bad setting fails here, not at read
     out = Representation(
-        tfidf(rep.values, negative) if rep.values.size else rep.values,
+        tfidf(rep.values, negative, document, quantile) if rep.values.size else rep.values,
         rep.token_ids,
         rep.token_count,
         rep.tokens,
@@ -448,7 +492,9 @@ def tfidf_representation(rep: Representation, negative: str = "clip") -> Represe
         rep.width,
         dict(rep.attrs),
     )
-    out.attrs.update(variant="tfidf", tfidf_negative=negative)
+    out.attrs.update(variant="tfidf", tfidf_negative=negative, tfidf_document_frequency=document)
+    if document == "quantile":
+        out.attrs["tfidf_quantile"] = float(quantile)
     return out
 
 
