@@ -242,3 +242,25 @@ def test_errors_name_the_problem(lms):
     with pytest.raises(NeuronAtlasError, match=r"\(n, 2\)"):
         ablation.as_neuron_set([1, 2, 3])
     assert ablation.neuron_set([1, 0, 1], [2, 5, 2]).tolist() == [[0, 5], [1, 2]]
+
+
+def test_layer_mean_ablation_sets_neurons_to_their_layers_mean_at_each_position():
+    """The layer_mean reading: an ablated unit takes the mean over its layer's (unablated) units at that position."""
+    x = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4) ** 1.5
+    hooks = ablation.condition_ablations(
+        [np.array([[0, 1], [0, 3]]), np.zeros((0, 2), np.int64)],
+        np.zeros((1, 4), np.float32),
+        1,
+        torch.float32,
+        torch.device("cpu"),
+        layer_mean=True,
+    )
+    out = hooks[0].apply(x)
+    expected = x.clone()
+    expected[0, :, 1] = x[0].mean(-1)  # row 0 = condition 0: units 1 and 3 replaced per position
+    expected[0, :, 3] = x[0].mean(-1)
+    torch.testing.assert_close(out, expected)  # row 1 = the empty condition: untouched
+    # the neuron_mean reading on the same condition: the stored values, not the per-position mean
+    values = np.array([[7.0, 8.0, 9.0, 10.0]], np.float32)
+    stored = ablation.condition_ablations([np.array([[0, 1]])], values, 2, torch.float32, torch.device("cpu"))[0].apply(x)
+    assert torch.all(stored[:, :, 1] == 8.0) and torch.equal(stored[:, :, 0], x[:, :, 0])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats
 
 from neuronatlas.core import models
 from neuronatlas.intervention import evaluation
@@ -115,9 +114,8 @@ def test_evaluate_clustering_rows_empty_corpus_and_determinism(bert):
     for b in st.baselines:
         seeds = [ok[f"{b}_change_pct_seed{r}"] for r in range(3)]
         assert ok[f"{b}_change_pct"] == pytest.approx(np.mean(seeds))
-        # the Student-t interval over the seeds, from scipy
-        low, high = stats.t.interval(0.95, df=len(seeds) - 1, loc=np.mean(seeds), scale=stats.sem(seeds))
-        assert (ok[f"{b}_ci_low"], ok[f"{b}_ci_high"]) == (pytest.approx(low), pytest.approx(high))
+        # the paired per-cluster difference: the cluster's change minus the baseline's mean over seeds
+        assert ok[f"{b}_difference"] == pytest.approx(ok["cluster_change_pct"] - np.mean(seeds))
     assert '"[SPECIAL]"' not in df.iloc[1]["top_tokens"]  # special tokens are never targets
     empty = df.iloc[2]
     assert empty["n_sentences"] == 0 and empty["n_targets"] == 0
@@ -134,46 +132,150 @@ def test_evaluate_clustering_rows_empty_corpus_and_determinism(bert):
     )
 
 
-def test_table3_aggregates_and_marks_the_largest():
-    def frame(variant, changes, seeds, status=None, refined=False):
-        rows = []
-        for i, c in enumerate(changes):
-            r = {
-                "model": "m",
-                "site": "residual",
-                "dataset": "d",
-                "k": 50,
-                "variant": variant,
-                "refined": refined,
-                "objective": "masked_lm",
-                "head": "fitted",
-                "cluster": i,
-                "status": (status or ["ok"] * len(changes))[i],
-                "base_loss": 2.0,
-                "cluster_change_pct": c,
-            }
-            for b, per in seeds.items():
-                for s, v in enumerate(per[i]):
-                    r[f"{b}_change_pct_seed{s}"] = v
-                r[f"{b}_change_pct"] = float(np.mean(per[i]))
-            rows.append(r)
-        return pd.DataFrame(rows)
+def _frame(variant, changes, seeds, status=None, refined=False, k=50):
+    """Per-cluster rows as intervention_ablate writes them (seed columns, seed means)."""
+    rows = []
+    for i, c in enumerate(changes):
+        r = {
+            "model": "m",
+            "site": "residual",
+            "dataset": "d",
+            "k": k,
+            "variant": variant,
+            "refined": refined,
+            "objective": "masked_lm",
+            "head": "fitted",
+            "cluster": i,
+            "n_neurons": 10 + i,
+            "top_tokens": f'["t{i}", "u|{i}"]',
+            "status": (status or ["ok"] * len(changes))[i],
+            "base_loss": 2.0,
+            "base_accuracy": 0.25,
+            "cluster_change_pct": c,
+        }
+        for b, per in seeds.items():
+            for s, v in enumerate(per[i]):
+                r[f"{b}_change_pct_seed{s}"] = v
+            r[f"{b}_change_pct"] = float(np.mean(per[i]))
+        rows.append(r)
+    return pd.DataFrame(rows)
 
-    seeds = {"random": [[1.0, 3.0], [2.0, 2.0], [9.0, 9.0]], "random_layer": [[0.5, 0.5], [0.5, 0.5], [9.0, 9.0]]}
-    f1 = frame("filter", [4.0, 1.0, np.nan], seeds, status=["ok", "ok", "empty_corpus"])
-    f2 = frame("filter", [0.1, 0.2, 0.3], seeds, refined=True)
-    t = evaluation.table3([f1, f2], ["random", "random_layer"])
+
+def test_table3_intervals_paired_differences_and_bold_only_when_decided():
+    from neuronatlas.replication import statistics
+
+    seeds = {
+        "random": [[1.0, 3.0], [2.0, 2.0], [9.0, 9.0], [0.0, 1.0], [1.0, 1.0]],
+        "random_layer": [[0.5, 0.5], [0.5, 0.5], [9.0, 9.0], [0.2, 0.2], [0.0, 0.4]],
+    }
+    # cluster above both baselines in every ok cluster: every bootstrap mean of the paired differences is > 0
+    f1 = _frame("filter", [4.0, 3.0, np.nan, 2.0, 2.5], seeds, status=["ok", "ok", "empty_corpus", "ok", "ok"])
+    # the refined rows: random is above random_layer in every cluster but the cluster beats random (and random_layer)
+    # in some clusters and loses in others, so no column is decided
+    f2 = _frame("filter", [3.0, 0.9, 0.3, 0.0, 2.0], seeds, refined=True)
+    t = evaluation.table3([f1, f2], ["random", "random_layer"], resamples=500, seed=3)
     r = t.iloc[0]
-    assert (r["n_clusters"], r["n_ok"], r["n_empty"]) == (3, 2, 1)
-    assert r["cluster"] == pytest.approx(2.5)
-    assert r["random"] == pytest.approx(2.0)  # seed means (1.5, 2.5) over the two ok clusters -> 2.0
-    assert r["random_layer"] == pytest.approx(0.5)
+    assert (r["n_clusters"], r["n_ok"], r["n_empty"]) == (5, 4, 1)
+    assert r["cluster"] == pytest.approx(np.mean([4.0, 3.0, 2.0, 2.5]))
+    assert r["random"] == pytest.approx(np.mean([2.0, 2.0, 0.5, 1.0]))  # seed means over the ok clusters
+    assert r["random_difference"] == pytest.approx(np.mean([2.0, 1.0, 1.5, 1.5]))
+    assert r["random_layer_difference"] == pytest.approx(np.mean([3.5, 2.5, 1.8, 2.3]))
+    assert (r["base_loss"], r["base_top1"]) == (pytest.approx(2.0), pytest.approx(0.25))
+    paired = statistics.paired([4.0, 3.0, 2.0, 2.5], [2.0, 2.0, 0.5, 1.0], resamples=500, seed=3)
+    assert (r["random_difference_ci_low"], r["random_difference_ci_high"]) == (pytest.approx(paired.low), pytest.approx(paired.high))
     assert r["largest"] == "cluster"
-    assert r["beats_random"] == pytest.approx(0.5)
-    assert t.iloc[1]["largest"] == "random" and t.iloc[1]["refined"]
+    refined = t.iloc[1]
+    assert refined["refined"] and refined["largest"] == ""
     md = evaluation.table3_markdown(t, ["random", "random_layer"])
-    assert "| d – 50 | filter | **2.50** | 2.00 | 0.50 | 2/3 |" in md
-    assert "|  | filter + refine | 0.20 | **4.33** | 3.33 | 3/3 |" in md
+    assert "| d – 50 | filter | 4/5 | 2.00 | 25.0% | **2.88 [" in md
+    assert "|  | filter + refine | 5/5 | 2.00 | 25.0% | 1.24 [" in md and "**" not in md.split("filter + refine")[1].split("\n")[0]
+
+
+def test_table4_ranks_clusters_by_the_chosen_reading():
+    seeds = {"random": [[1.0, 1.0], [0.0, 0.0], [5.0, 5.0]], "random_layer": [[0.0, 0.0], [0.5, 0.5], [0.0, 0.0]]}
+    frame = _frame("filter", [4.0, 2.0, 6.0], seeds, k=200)
+    other_k = _frame("filter", [99.0, 99.0, 99.0], seeds, k=50)
+    excess = evaluation.table4([frame, other_k], ["random", "random_layer"], k=200, rank_by="excess", clusters=2)
+    # excess = change - the largest baseline: 3.0, 1.5, 1.0 -> clusters 0 and 1; K = 50 rows are not ranked
+    assert excess["cluster"].tolist() == [0, 1] and excess["excess"].tolist() == pytest.approx([3.0, 1.5])
+    change = evaluation.table4([frame], ["random", "random_layer"], k=200, rank_by="change", clusters=2)
+    assert change["cluster"].tolist() == [2, 0]
+    md = evaluation.table4_markdown(excess, "excess")
+    assert "| d-0/200 | 10 | 4.00 | 3.00 | t0, u\\|0 |" in md
+    with pytest.raises(Exception, match="ranking 'best' unknown"):
+        evaluation.table4([frame], ["random"], k=200, rank_by="best", clusters=2)
+
+
+def test_exclusiveness_summary_by_ablated_cluster():
+    matrix = pd.DataFrame(
+        {
+            "ablated_cluster": [1, 1, 1, 2, 2, 2, 3, 3, 3],
+            "corpus_cluster": [1, 2, 3, 1, 2, 3, 1, 2, 3],
+            "change_pct": [5.0, 1.0, 2.0, 0.0, 3.0, 1.0, 4.0, 4.0, 1.0],
+        }
+    )
+    out = evaluation.exclusiveness_by_cluster(matrix)
+    assert out["ablated_cluster"].tolist() == [1, 2, 3]
+    assert out["own"].tolist() == [5.0, 3.0, 1.0]
+    assert out["others"].tolist() == pytest.approx([1.5, 0.5, 4.0])
+    assert out["difference"].tolist() == pytest.approx([3.5, 2.5, -3.0])
+
+
+def test_exclusiveness_matrix_equals_direct_ablation(bert):
+    from neuronatlas.core import ablation
+
+    clusters, expl, pool, vals = _inputs(bert)
+    st = evaluation.Settings(top_tokens=5, max_sentences=3, max_length=12, seeds=2, batch_tokens=256, exclusiveness_clusters=5)
+    key = {"model": "bert", "dataset": "fix", "site": "mlp", "variant": "raw", "k": 3, "refined": False}
+    matrix = evaluation.exclusiveness(bert, "mlp", vals, clusters, expl, pool, st, key, seed=0)
+    # clusters 0 and 1 have corpora, cluster 2 none: a 2 x 2 matrix
+    assert sorted(zip(matrix.ablated_cluster, matrix.corpus_cluster)) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    rows = evaluation.evaluate_clustering(bert, "mlp", vals, clusters, expl, pool, st, key, seed=0)
+    own = matrix[(matrix.ablated_cluster == 0) & (matrix.corpus_cluster == 0)].iloc[0]
+    assert own["change_pct"] == pytest.approx(rows.iloc[0]["cluster_change_pct"])  # the same sentences as Table 3
+    members = clusters[clusters.cluster == 0][["layer", "index"]].to_numpy()
+    corpus_1 = evaluation._Clustering(bert, clusters, expl, key, 0).inputs(1, pool, st).examples
+    direct = ablation.evaluate(
+        bert.model,
+        bert.family,
+        "mlp",
+        ablation.token_batches(bert.manifest, corpus_1),
+        [members],
+        vals,
+        ablation.objective_for("masked_lm"),
+    )
+    cross = matrix[(matrix.ablated_cluster == 0) & (matrix.corpus_cluster == 1)].iloc[0]
+    # float32 sums of a differently stacked batch: equal to a few parts in 1e5 of the loss
+    assert cross["change_pct"] == pytest.approx(float(direct.change_pct[0]), abs=1e-3)
+
+
+def test_intervention_claims_pair_clusters_with_their_baselines():
+    from neuronatlas.intervention import claims
+
+    seeds = {b: [[0.0, 0.0]] * 12 for b in ("random", "random_layer", "random_position")}
+    large = _frame("filter", [1.0 + 0.1 * i for i in range(12)], seeds, k=200)
+    small = _frame("filter", [-1.0 - 0.1 * i for i in range(12)], seeds, k=50)
+    refined = _frame("filter", [0.5, -0.5] * 6, seeds, k=50, refined=True)
+    rows = claims.table3_rows([small, large, refined], {"resamples": 300}, "m", "d", "residual")
+    by = {(r["claim_id"].split(".")[-1], r["scope"].split("cluster − ")[1], "refine" in r["scope"]): r for r in rows}
+    assert by[("large_k_clusters_hurt_more_than_baselines", "random", False)]["verdict"] == "reproduced"
+    assert by[("large_k_clusters_hurt_more_than_baselines", "random", False)]["estimate"] == pytest.approx(1.55)
+    assert by[("small_k_clusters_hurt_less_than_random", "random_layer", False)]["verdict"] == "reproduced"
+    assert by[("small_k_clusters_hurt_more_than_random_positions", "random_position", False)]["verdict"] == "not reproduced"
+    assert by[("refined_clusters_hurt_more_than_baselines", "random", True)]["verdict"] == "inconclusive"
+    assert len(rows) == 9 and all(r["n"] == 12 for r in rows)
+    assert "base top-1 25.0%" in rows[0]["note"]
+    matrix = pd.DataFrame(
+        {
+            "variant": "filter",
+            "k": 200,
+            "ablated_cluster": np.repeat(np.arange(8), 8),
+            "corpus_cluster": np.tile(np.arange(8), 8),
+            "change_pct": np.where(np.repeat(np.arange(8), 8) == np.tile(np.arange(8), 8), 3.0, 0.5),
+        }
+    )
+    (exclusive,) = claims.exclusiveness_rows(matrix, {"resamples": 300}, "m", "d", "residual")
+    assert exclusive["estimate"] == pytest.approx(2.5) and exclusive["n"] == 8 and exclusive["verdict"] == "reproduced"
 
 
 def _cfg(tmp_path, **section):
@@ -210,6 +312,8 @@ def test_config_views_and_errors(tmp_path):
         ({"variants": ["tfidf"]}, "intervention.variants[0]"),
         ({"ks": [3]}, "intervention.ks[0]"),
         ({"figure": {"k": 3}}, "intervention.figure.k"),
+        ({"exclusiveness": {"k": 3}}, "intervention.exclusiveness.k"),
+        ({"table4": {"k": 3}}, "intervention.table4.k"),
     ):
         with pytest.raises(ConfigError) as err:
             intervention_dag.check_config(_cfg(tmp_path, **kw))
@@ -235,7 +339,7 @@ def test_an_empty_evaluation_corpus_marks_every_row_instead_of_crashing(bert, tm
     t = evaluation.table3([df], st.baselines)
     assert (t.iloc[0]["n_clusters"], t.iloc[0]["n_ok"], t.iloc[0]["n_empty"]) == (3, 0, 3)
     assert np.isnan(t.iloc[0]["cluster"]) and t.iloc[0]["largest"] == ""
-    assert "| fix – 3 | raw | n/a | n/a | n/a | n/a | 0/3 |" in evaluation.table3_markdown(t, st.baselines)
+    assert "| fix – 3 | raw | 0/3 | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a |" in evaluation.table3_markdown(t, st.baselines)
     from neuronatlas.intervention.figures import fig4
 
     fig4(df.assign(objective="masked_lm"), tmp_path / "f.png")

@@ -13,7 +13,6 @@ import torch
 import yaml
 
 from neuronatlas.core import models
-from neuronatlas.core.ablation import ablation_values
 from neuronatlas.core.corpus import read_shard
 from neuronatlas.intervention import dag as intervention_dag
 from neuronatlas.intervention import evaluation
@@ -46,8 +45,15 @@ def test_ablation_outputs_of_the_tiny_dag(tiny_dag):
     assert row["n_ok"] == len(ok) and row["cluster"] == pytest.approx(ok["cluster_change_pct"].mean(), nan_ok=True)
     seeds = [c for c in df.columns if c.startswith("random_change_pct_seed")]
     assert row["random"] == pytest.approx(np.mean([ok[c].mean() for c in seeds]), nan_ok=True)
-    assert len(table) == len(names) and set(table["largest"]) <= {"cluster", "random", "random_layer", "random_position"}
+    # `largest` is empty ("" in the CSV, NaN when read back) when no column's paired interval is above the others
+    assert len(table) == len(names) and set(table["largest"].fillna("")) <= {"", "cluster", "random", "random_layer", "random_position"}
     assert "fitted" in (R / "tables" / "intervention" / "table3.md").read_text()
+    # Table 4 ranks the largest K's clusters; the exclusiveness matrix is square over the clusters with a corpus
+    top = pd.read_csv(R / "tables" / "intervention" / "table4.csv")
+    assert set(top["k"]) <= {4} and len(top) <= 4
+    matrix = pd.read_csv(R / "tbert" / "fix" / "mlp" / "intervention" / "exclusiveness.csv")
+    clusters = sorted(set(matrix["ablated_cluster"]))
+    assert sorted(set(matrix["corpus_cluster"])) == clusters and len(matrix) == len(clusters) ** 2
     assert (R / "figures" / "intervention" / "fig4" / "tbert" / "fix" / "mlp.png").stat().st_size > 1000
     metrics = R / "models" / "tbert" / "mlm_head-metrics.json"
     assert metrics.exists() and (R / "models" / "tbert" / "mlm_head" / "config.json").exists()
@@ -60,10 +66,10 @@ def test_dag_csv_equals_direct_library_computation(tiny_dag):
     lm = models.load(R / "models" / "tbert" / "manifest.json", "cpu", "float32", head=True, head_path=R / "models" / "tbert" / "mlm_head")
     st = intervention_dag.settings(cfg, "tbert")
     pool = evaluation.sentence_pool(lm.tokenizer, [read_shard(R / "corpora" / "fix" / "shards" / "shard-2.parquet")], st["min_tokens"])
-    values = ablation_values(site / "activations" / "stats.h5", st["mode"])
+    values = evaluation.mode_values(site / "activations" / "stats.h5", st["mode"], tuple(lm.manifest["sites"]["mlp"]))
     dag = pd.read_csv(site / "intervention" / "smooth" / "k4.csv")
     key = {c: dag[c].iloc[0] for c in ("model", "dataset", "site", "head", "head_heldout_loss", "head_heldout_top1")}
-    key.update(variant="smooth", k=4, refined=False, mode="mean")
+    key.update(variant="smooth", k=4, refined=False, mode=st["mode"])
     with torch.inference_mode():
         direct = evaluation.evaluate_clustering(
             lm,

@@ -93,7 +93,7 @@ def test_too_few_units_or_no_interval_is_inconclusive():
 
 
 def test_every_method_with_claims_is_discovered_and_ids_are_unique():
-    assert claims.methods_with_claims() == ["clusters", "modularity", "textualization"]
+    assert claims.methods_with_claims() == ["clusters", "intervention", "modularity", "n2g", "textualization"]
     ids = [c.id for c in claims.declared()]
     assert len(ids) == len(set(ids)) and all(i.split(".")[0] in ("zhang", "pochinkov", "baeumel", "foote") for i in ids)
     for claim in claims.declared():

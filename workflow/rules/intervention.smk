@@ -1,8 +1,9 @@
 # Causal intervention on neuron clusters (Zhang, Gu & Yao 5.5, 6.2, Table 3, Fig. 4; docs/methods/intervention.md).
 #   intervention_ablate  per (model, dataset, site): every ablated clustering (variant x K [x refined]) -> one CSV
-#                        each under {site}/intervention/{variant}/k{K}[-refined].csv. One job per triple: model
+#                        each under {site}/intervention/{variant}/k{K}[-refined].csv, and the cluster x corpus
+#                        exclusiveness matrix {site}/intervention/exclusiveness.csv. One job per triple: model
 #                        start-up dominates small clusterings, so adding a K or variant re-runs the triple's job.
-#   intervention_table   Table 3 (CSV + markdown) and Fig. 4 per (model, dataset, site).
+#   intervention_table   Tables 3 and 4 (CSV + markdown) and Fig. 4 per (model, dataset, site).
 # An encoder without an MLM head gets one from fit_mlm_head (activations.smk).
 import neuronatlas.intervention.dag as intervention_dag
 
@@ -45,6 +46,14 @@ rule intervention_table:
             caption="../report/intervention-table3.rst",
         ),
         md=intervention_dag.table_outputs(R)["md"],
+        table4_csv=intervention_dag.table_outputs(R)["table4_csv"],
+        table4_md=report(
+            intervention_dag.table_outputs(R)["table4_md"],
+            category="Causal intervention",
+            subcategory="tables",
+            labels={"table": "Table 4"},
+            caption="../report/intervention-table4.rst",
+        ),
         figures=[
             report(
                 intervention_dag.figure_path(R, m, d, s),

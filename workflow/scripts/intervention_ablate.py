@@ -13,5 +13,6 @@ with logged(snakemake.log[0]):
         }
         for v, k, r in params["clusterings"]
     }
-    outputs = dict(zip(clusterings, snakemake.output))
+    names = clusterings + (["exclusiveness"] if params["exclusiveness"] else [])
+    outputs = dict(zip(names, snakemake.output))
     intervention_ablate(given.manifest, given.get("head"), given.stats, given.shards, inputs, outputs, params)

@@ -4,4 +4,5 @@ from neuronatlas.intervention.jobs import intervention_table
 
 with logged(snakemake.log[0]):
     params = snakemake.params.table
-    intervention_table(list(snakemake.input), snakemake.output.csv, snakemake.output.md, params["figures"], params)
+    outputs = {key: getattr(snakemake.output, key) for key in ("csv", "md", "table4_csv", "table4_md")}
+    intervention_table(list(snakemake.input), outputs, params["figures"], params)

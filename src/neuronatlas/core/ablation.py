@@ -88,12 +88,18 @@ def ablation_values(source: Any, mode: str, shape: tuple[int, int] | None = None
 
 
 def condition_ablations(
-    conditions: Sequence[np.ndarray], values: np.ndarray, rows_per_condition: int, dtype: torch.dtype, device: torch.device
+    conditions: Sequence[np.ndarray],
+    values: np.ndarray,
+    rows_per_condition: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    layer_mean: bool = False,
 ) -> dict[int, Ablation]:
     """Per-layer hooks for conditions stacked along the batch (row = condition * rows_per_condition + example).
 
     Only layers touched by some condition get a hook; rows of conditions that leave a layer alone get
-    mask 1 and offset 0 there (exactly the identity).
+    mask 1 and offset 0 there (exactly the identity). With `layer_mean` an ablated neuron takes, at each
+    position, the mean of its layer's activations there (`values` then only gives the site's shape).
     """
     n_layers, width = values.shape
     per_layer: dict[int, np.ndarray] = {}
@@ -109,10 +115,14 @@ def condition_ablations(
     out: dict[int, Ablation] = {}
     for layer, keep in per_layer.items():
         mask = torch.from_numpy(keep).to(device=device, dtype=dtype)
-        offset = (1 - mask) * torch.from_numpy(values[layer]).to(device=device, dtype=dtype)
+        source = (
+            torch.zeros(width, dtype=dtype, device=device) if layer_mean else torch.from_numpy(values[layer]).to(device=device, dtype=dtype)
+        )
+        offset = (1 - mask) * source
+        weight = (1 - mask).repeat_interleave(rows_per_condition, dim=0).unsqueeze(1) if layer_mean else None
         mask = mask.repeat_interleave(rows_per_condition, dim=0).unsqueeze(1)
         offset = offset.repeat_interleave(rows_per_condition, dim=0).unsqueeze(1)
-        out[layer] = Ablation(mask, offset)
+        out[layer] = Ablation(mask, offset, weight)
     return out
 
 
@@ -442,12 +452,14 @@ def evaluate(
     max_stack: int = 64,
     device: torch.device | str | None = None,
     progress: bool = False,
+    layer_mean: bool = False,
 ) -> Scores:
     """Scores of every condition (neurons set to `values`) and of the unablated model, over `batches`.
 
     Conditions are stacked along the batch so that one forward covers up to `max_stack` conditions and at
     most `budget` cost units (tokens / images); the unablated forward runs once per batch and is reused for
-    every empty condition. Deterministic: the same inputs give the same sums.
+    every empty condition. With `layer_mean` ablated neurons take their layer's mean at each position
+    (condition_ablations). Deterministic: the same inputs give the same sums.
     """
     conds = [as_neuron_set(c) for c in conditions]
     todo = [i for i, c in enumerate(conds) if c.size]
@@ -466,7 +478,7 @@ def evaluate(
             per = max(1, min(max_stack, budget // max(b.cost, 1)))
             for g0 in range(0, len(todo), per):
                 group = todo[g0 : g0 + per]
-                abl = condition_ablations([conds[i] for i in group], values, b.size, dtype, dev)
+                abl = condition_ablations([conds[i] for i in group], values, b.size, dtype, dev, layer_mean)
                 with hooked(model, family, site, ablate=abl):
                     sums = _sum(objective(model, b.repeat(len(group))), len(group), b.size)
                 totals[group] += sums

@@ -155,14 +155,20 @@ Recorder = Callable[[int, torch.Tensor], None]
 
 @dataclass
 class Ablation:
-    """x -> x * mask + offset at one layer; mask/offset broadcast to (..., width), e.g. (B, 1, W) per example."""
+    """x -> x * mask + offset [+ layer_mean_weight * mean of x over the layer's units at each position] at one
+    layer; mask/offset/weight broadcast to (..., width), e.g. (B, 1, W) per example."""
 
     mask: torch.Tensor
     offset: torch.Tensor
+    layer_mean_weight: torch.Tensor | None = None
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """The ablated activation (a new tensor, so autograd and the caller's tensor stay intact)."""
-        return torch.addcmul(self.offset.to(x.dtype), x, self.mask.to(x.dtype))
+        out = torch.addcmul(self.offset.to(x.dtype), x, self.mask.to(x.dtype))
+        if self.layer_mean_weight is not None:
+            # the mean of the unablated activations of this layer at this position, not of the ablated ones
+            out = torch.addcmul(out, x.mean(dim=-1, keepdim=True), self.layer_mean_weight.to(x.dtype))
+        return out
 
 
 def _first(out):

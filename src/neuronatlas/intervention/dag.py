@@ -26,6 +26,7 @@ SETTING_KEYS = (
     "baselines",
     "confidence",
     "batch_tokens",
+    "exclusiveness",
 )
 
 
@@ -96,6 +97,23 @@ def figure_clustering(config: Mapping[str, Any]) -> tuple[str, int]:
     return v, int(k)
 
 
+def exclusiveness_clustering(config: Mapping[str, Any]) -> tuple[str, int] | None:
+    """(variant, K) of the exclusiveness matrix (intervention.exclusiveness; default the Fig. 4 variant at the
+    largest K), None when it is off (clusters 0)."""
+    section = config["intervention"]["exclusiveness"]
+    if not section["clusters"]:
+        return None
+    v = section["variant"] if section["variant"] is not None else figure_clustering(config)[0]
+    k = section["k"] if section["k"] is not None else max(ks(config))
+    return v, int(k)
+
+
+def table4_k(config: Mapping[str, Any]) -> int:
+    """K of Table 4 (intervention.table4.k, else the largest ablated K: the paper's Table 4 is from K = 200)."""
+    chosen = config["intervention"]["table4"]["k"]
+    return int(chosen) if chosen is not None else max(ks(config))
+
+
 def check_config(config: Mapping[str, Any]) -> None:
     """Cross-key checks of the intervention section; each error names the key and the fix."""
     section = config["intervention"]
@@ -129,6 +147,13 @@ def check_config(config: Mapping[str, Any]) -> None:
                 raise ConfigError("intervention.figure.variant", f"{fv!r} is not an ablated variant ({variants(config)})")
             if fk not in ks(config):
                 raise ConfigError("intervention.figure.k", f"{fk} is not an ablated K ({ks(config)})")
+            chosen = exclusiveness_clustering(config)
+            if chosen is not None and chosen[0] not in variants(config):
+                raise ConfigError("intervention.exclusiveness.variant", f"{chosen[0]!r} is not an ablated variant ({variants(config)})")
+            if chosen is not None and chosen[1] not in ks(config):
+                raise ConfigError("intervention.exclusiveness.k", f"{chosen[1]} is not an ablated K ({ks(config)})")
+            if table4_k(config) not in ks(config):
+                raise ConfigError("intervention.table4.k", f"{table4_k(config)} is not an ablated K ({ks(config)})")
     for name in section["model_overrides"]:
         if name not in models:
             raise ConfigError(f"intervention.model_overrides.{name}", f"unknown model {name!r}; defined: {', '.join(models)}")
@@ -148,6 +173,7 @@ def ablate_params(config: Mapping[str, Any], model: str, dataset: str, site: str
         "key": {"model": model, "dataset": dataset, "site": site},
         "settings": settings(config, model),
         "clusterings": [list(c) for c in clusterings(config)],
+        "exclusiveness": list(exclusiveness_clustering(config) or []) or None,
         "eval_shards": list(config["datasets"][dataset]["eval_shards"]),
         "head": "fitted" if activations_dag.fitted_head(config, model) else "checkpoint",
         "seed": config["seed"],
@@ -160,6 +186,11 @@ def ablate_params(config: Mapping[str, Any], model: str, dataset: str, site: str
 def result_csv(results: str, model: str, dataset: str, site: str, variant: str, k: int, refined: bool) -> str:
     """Per-clustering output: results/{model}/{dataset}/{site}/intervention/{variant}/k{K}[-refined].csv."""
     return f"{paths.site(results, model, dataset, site)['dir']}/intervention/{clustering_name(variant, k, refined)}.csv"
+
+
+def exclusiveness_csv(results: str, model: str, dataset: str, site: str) -> str:
+    """The cluster x corpus matrix of one (model, dataset, site): results/{model}/{dataset}/{site}/intervention/exclusiveness.csv."""
+    return f"{paths.site(results, model, dataset, site)['dir']}/intervention/exclusiveness.csv"
 
 
 def figure_path(results: str, model: str, dataset: str, site: str) -> str:
@@ -185,8 +216,10 @@ def ablate_inputs(config: Mapping[str, Any], model: str, dataset: str, site: str
 
 
 def ablate_outputs(config: Mapping[str, Any]) -> list[str]:
-    """Outputs of rule intervention_ablate (with wildcards): one CSV per clustering."""
-    return [result_csv(config["results_dir"], "{model}", "{dataset}", "{site}", v, k, r) for v, k, r in clusterings(config)]
+    """Outputs of rule intervention_ablate (with wildcards): one CSV per clustering, then the exclusiveness matrix (if on)."""
+    results = config["results_dir"]
+    out = [result_csv(results, "{model}", "{dataset}", "{site}", v, k, r) for v, k, r in clusterings(config)]
+    return out + ([exclusiveness_csv(results, "{model}", "{dataset}", "{site}")] if exclusiveness_clustering(config) else [])
 
 
 def table_inputs(config: Mapping[str, Any]) -> list[str]:
@@ -202,6 +235,9 @@ def table_params(config: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "baselines": list(section["baselines"]),
         "confidence": section["confidence"],
+        "resamples": config["replication"]["resamples"],
+        "seed": config["seed"],
+        "table4": {"k": table4_k(config), "rank_by": section["table4"]["rank_by"], "clusters": section["table4"]["clusters"]},
         "datasets": list(config["datasets"]),
         "variants": variants(config),
         "figure_baseline": "random_position" if "random_position" in section["baselines"] else section["baselines"][0],
@@ -211,8 +247,28 @@ def table_params(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def table_outputs(results: str) -> dict[str, str]:
-    """Table 3 as CSV and markdown."""
-    return {"csv": paths.table(results, "intervention", "table3.csv"), "md": paths.table(results, "intervention", "table3.md")}
+    """Tables 3 and 4 as CSV and markdown."""
+    return {
+        "csv": paths.table(results, "intervention", "table3.csv"),
+        "md": paths.table(results, "intervention", "table3.md"),
+        "table4_csv": paths.table(results, "intervention", "table4.csv"),
+        "table4_md": paths.table(results, "intervention", "table4.md"),
+    }
+
+
+def claim_inputs(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Files the replication claims read: every per-clustering CSV and every exclusiveness matrix, by (model, dataset, site)."""
+    if not enabled(config):
+        return {}
+    results = config["results_dir"]
+    out: dict[str, Any] = {"clusterings": {}, "exclusiveness": {}}
+    for m, d, s in grid(config):
+        out["clusterings"][f"{m}/{d}/{s}"] = {
+            clustering_name(v, k, r): result_csv(results, m, d, s, v, k, r) for v, k, r in clusterings(config)
+        }
+        if exclusiveness_clustering(config):
+            out["exclusiveness"][f"{m}/{d}/{s}"] = exclusiveness_csv(results, m, d, s)
+    return out
 
 
 def targets(config: Mapping[str, Any]) -> list[str]:
@@ -231,6 +287,9 @@ def ablate_resources(config: Mapping[str, Any], model: str, inputs: Mapping[str,
     conditions = 2 + len(st["baselines"]) * st["seeds"]
     clusters = st["clusters_per_clustering"] or max(ks(config))
     tokens = len(clusterings(config)) * clusters * conditions * st["max_sentences"] * (st["max_length"] + 2)
+    if exclusiveness_clustering(config):
+        exclusive = st["exclusiveness"]
+        tokens += (exclusive["clusters"] + 1) * exclusive["clusters"] * exclusive["sentences"] * (st["max_length"] + 2)
     act_mb = st["batch_tokens"] * max(shape.d_ff, shape.d_model) * 4 * 8 / 2**20
     logits_mb = (1 << 25) * 4 * 2 / 2**20
     mem = 1500 + 1.5 * estimate.weights_mb(shape, model_dtype(config, model), gpu) + act_mb + logits_mb

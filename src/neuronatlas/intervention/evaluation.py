@@ -38,6 +38,19 @@ STATUS_NO_TOKENS = "no_tokens"  # the cluster has no (non-special) explanation t
 STATUS_NO_NEURONS = "no_neurons"  # the cluster has no neurons in this clustering (e.g. after refinement)
 
 
+MODES = ("neuron_mean", "layer_mean", "zero")
+
+
+def mode_values(stats: Any, mode: str, shape: tuple[int, int]) -> np.ndarray:
+    """(L, W) values of ablation mode `mode`: the stored neuron means (neuron_mean) or zeros (zero, and layer_mean,
+    whose value the hook computes at each position)."""
+    from neuronatlas.core.ablation import ablation_values
+
+    if mode not in MODES:
+        raise NeuronAtlasError(f"intervention.mode {mode!r} is not allowed; allowed: {', '.join(MODES)}")
+    return ablation_values(stats, "mean" if mode == "neuron_mean" else "zero", shape)
+
+
 def stable_seed(*parts: Any) -> int:
     """A 32-bit seed derived from strings/ints (stable across processes, unlike hash())."""
     return zlib.crc32("|".join(map(str, parts)).encode())
@@ -175,6 +188,7 @@ def cluster_examples(
 class Settings:
     """Per-clustering evaluation settings (the `ablation` config section, after model overrides)."""
 
+    mode: str = "neuron_mean"
     top_tokens: int = 10
     max_sentences: int = 64
     max_length: int = 64
@@ -183,6 +197,13 @@ class Settings:
     baselines: tuple[str, ...] = ("random", "random_layer", "random_position")
     confidence: float = 0.95
     batch_tokens: int = 8192
+    exclusiveness_clusters: int = 0
+    exclusiveness_sentences: int = 16
+
+    @property
+    def layer_mean(self) -> bool:
+        """Whether ablated neurons take their layer's mean at each position (mode layer_mean)."""
+        return self.mode == "layer_mean"
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any], model: str | None = None) -> Settings:
@@ -190,26 +211,13 @@ class Settings:
         merged = dict(section)
         if model is not None:
             merged.update((section.get("model_overrides") or {}).get(model) or {})
+        exclusive = merged.pop("exclusiveness", None) or {}
+        merged.update({f"exclusiveness_{k}": v for k, v in exclusive.items()})
         fields = cls.__dataclass_fields__
         kw = {k: merged[k] for k in fields if k in merged}
         if "baselines" in kw:
             kw["baselines"] = tuple(kw["baselines"])
         return cls(**kw)
-
-
-def t_interval(values: np.ndarray, confidence: float) -> tuple[float, float, float]:
-    """(mean, low, high) of a Student-t confidence interval of the mean (NaN bounds for < 2 values)."""
-    values = np.asarray(values, np.float64)
-    values = values[np.isfinite(values)]
-    if len(values) == 0:
-        return float("nan"), float("nan"), float("nan")
-    m = float(values.mean())
-    if len(values) < 2:
-        return m, float("nan"), float("nan")
-    from scipy import stats
-
-    half = float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
-    return m, m - half, m + half
 
 
 def sample_clusters(cluster_ids: Sequence[int], n: int | None, seed: int) -> list[int]:
@@ -219,6 +227,62 @@ def sample_clusters(cluster_ids: Sequence[int], n: int | None, seed: int) -> lis
         return ids
     rng = np.random.default_rng(seed)
     return sorted(int(c) for c in rng.choice(ids, size=n, replace=False))
+
+
+@dataclass
+class ClusterInputs:
+    """What one cluster's evaluation needs: its neurons, scored tokens, held-out examples and status."""
+
+    neurons: np.ndarray
+    target_ids: list[int]
+    tokens: list[str]
+    examples: list[TokenExample]
+    status: str
+
+
+class _Clustering:
+    """A clustering's members and explanation tokens, with the seeds that make its samples reproducible."""
+
+    def __init__(self, lm: Any, clusters: pd.DataFrame, explanations: pd.DataFrame, key: Mapping[str, Any], seed: int) -> None:
+        self.manifest = lm.manifest
+        self.causal = self.manifest["kind"] == "causal_lm"
+        self.specials = set(int(i) for i in self.manifest.get("special_ids", []))
+        ident = "/".join(str(key[k]) for k in ("model", "dataset", "site", "variant", "k", "refined") if k in key)
+        # seeds leave `refined` out: a refined clustering keeps its cluster ids, so its sample of clusters, their
+        # sentences and baseline draws are the unrefined clustering's (paired rows in Table 3)
+        self.sid = "/".join(str(key[k]) for k in ("model", "dataset", "site", "variant", "k") if k in key)
+        self.seed = seed
+        for col in ("layer", "index", "cluster"):
+            if col not in clusters.columns:
+                raise NeuronAtlasError(f"clustering {ident}: column {col!r} missing (expected neuron_id, layer, index, cluster)")
+        for col in ("cluster", "rank", "token_id"):
+            if col not in explanations.columns:
+                raise NeuronAtlasError(f"explanations of {ident}: column {col!r} missing (expected cluster, rank, token_id, token, score)")
+        self.members = {int(c): g[["layer", "index"]].to_numpy(np.int64) for c, g in clusters.groupby("cluster")}
+        expl = explanations.sort_values(["cluster", "rank"])
+        self.tokens_of = {int(c): g for c, g in expl.groupby("cluster")}
+
+    def universe(self) -> list[int]:
+        """Every cluster id with members or explanation tokens."""
+        return sorted(set(self.members) | set(self.tokens_of))
+
+    def inputs(self, c: int, pool: SentencePool, settings: Settings) -> ClusterInputs:
+        """Cluster c's neurons, its top tokens (specials skipped) and its seeded sample of held-out examples."""
+        neurons = self.members.get(c, np.zeros((0, 2), np.int64))
+        g = self.tokens_of.get(c)
+        tok = g[~g["token_id"].astype(int).isin(self.specials)].head(settings.top_tokens) if g is not None else None
+        target_ids = [] if tok is None else [int(t) for t in tok["token_id"]]
+        tokens = [str(t) for t in (tok["token"] if tok is not None and "token" in tok else target_ids)]
+        rng = np.random.default_rng(stable_seed(self.seed, self.sid, c, "sentences"))
+        examples = cluster_examples(pool, target_ids, settings.max_sentences, settings.max_length, self.causal, rng) if target_ids else []
+        status = STATUS_OK
+        if not len(neurons):
+            status = STATUS_NO_NEURONS
+        elif not target_ids:
+            status = STATUS_NO_TOKENS
+        elif not examples:
+            status = STATUS_EMPTY
+        return ClusterInputs(neurons, target_ids, tokens, examples, status)
 
 
 def evaluate_clustering(
@@ -233,74 +297,58 @@ def evaluate_clustering(
     seed: int,
     progress: bool = False,
 ) -> pd.DataFrame:
-    """One row per evaluated cluster: base / ablated loss, % change, every baseline's mean and CI over seeds.
+    """One row per evaluated cluster: base / ablated loss and top-1, % change, every baseline per seed and its
+    seed mean, and the paired difference cluster − baseline (seed mean).
 
     `key` names the clustering (model, dataset, site, variant, k, refined, head...) and is copied into
     every row. Clusters whose corpus is empty get status `empty_corpus` and NaN losses.
     """
-    manifest = lm.manifest
-    shape = tuple(manifest["sites"][site])
+    shape = tuple(lm.manifest["sites"][site])
     if tuple(values.shape) != shape:
         raise NeuronAtlasError(f"ablation values {values.shape} do not match site {site} {shape}")
-    causal = manifest["kind"] == "causal_lm"
-    objective = objective_for(manifest["kind"])
-    specials = set(int(i) for i in manifest.get("special_ids", []))
-    ident = "/".join(str(key[k]) for k in ("model", "dataset", "site", "variant", "k", "refined") if k in key)
-    # seeds leave `refined` out: a refined clustering keeps its cluster ids, so its sample of clusters, their
-    # sentences and baseline draws are the unrefined clustering's (paired rows in Table 3)
-    sid = "/".join(str(key[k]) for k in ("model", "dataset", "site", "variant", "k") if k in key)
-    for col in ("layer", "index", "cluster"):
-        if col not in clusters.columns:
-            raise NeuronAtlasError(f"clustering {ident}: column {col!r} missing (expected neuron_id, layer, index, cluster)")
-    for col in ("cluster", "rank", "token_id"):
-        if col not in explanations.columns:
-            raise NeuronAtlasError(f"explanations of {ident}: column {col!r} missing (expected cluster, rank, token_id, token, score)")
-    members = {int(c): g[["layer", "index"]].to_numpy(np.int64) for c, g in clusters.groupby("cluster")}
-    expl = explanations.sort_values(["cluster", "rank"])
-    tokens_of = {int(c): g for c, g in expl.groupby("cluster")}
-    universe = sorted(set(members) | set(tokens_of))
-    chosen = sample_clusters(universe, settings.clusters_per_clustering, stable_seed(seed, sid, "clusters"))
+    objective = objective_for(lm.manifest["kind"])
+    clustering = _Clustering(lm, clusters, explanations, key, seed)
+    chosen = sample_clusters(clustering.universe(), settings.clusters_per_clustering, stable_seed(seed, clustering.sid, "clusters"))
     rows = []
     for c in chosen:
-        neurons = members.get(c, np.zeros((0, 2), np.int64))
-        g = tokens_of.get(c)
-        tok = g[~g["token_id"].astype(int).isin(specials)].head(settings.top_tokens) if g is not None else None
-        target_ids = [] if tok is None else [int(t) for t in tok["token_id"]]
+        found = clustering.inputs(c, pool, settings)
+        neurons = found.neurons
         row: dict[str, Any] = {
             **key,
             "objective": objective.name,
             "cluster": c,
             "n_neurons": len(neurons),
             "n_layers": int(len(np.unique(neurons[:, 0]))) if len(neurons) else 0,
-            "top_tokens": json.dumps(
-                [str(t) for t in (tok["token"] if tok is not None and "token" in tok else target_ids)], ensure_ascii=False
-            ),
+            "top_tokens": json.dumps(found.tokens, ensure_ascii=False),
         }
-        rng = np.random.default_rng(stable_seed(seed, sid, c, "sentences"))
-        examples = cluster_examples(pool, target_ids, settings.max_sentences, settings.max_length, causal, rng) if target_ids else []
-        status = STATUS_OK
-        if not len(neurons):
-            status = STATUS_NO_NEURONS
-        elif not target_ids:
-            status = STATUS_NO_TOKENS
-        batches = token_batches(manifest, examples, settings.batch_tokens) if status == STATUS_OK else []
-        if status == STATUS_OK and not batches:
-            status = STATUS_EMPTY
-        row.update(status=status, n_sentences=len(examples) if status == STATUS_OK else 0)
+        batches = token_batches(lm.manifest, found.examples, settings.batch_tokens) if found.status == STATUS_OK else []
+        status = STATUS_EMPTY if found.status == STATUS_OK and not batches else found.status
+        row.update(status=status, n_sentences=len(found.examples) if status == STATUS_OK else 0)
         if status != STATUS_OK:
             row.update(
                 n_targets=0, base_loss=np.nan, base_accuracy=np.nan, cluster_loss=np.nan, cluster_accuracy=np.nan, cluster_change_pct=np.nan
             )
             for b in settings.baselines:
-                row.update({f"{b}_loss": np.nan, f"{b}_change_pct": np.nan, f"{b}_ci_low": np.nan, f"{b}_ci_high": np.nan})
+                row.update({f"{b}_loss": np.nan, f"{b}_change_pct": np.nan, f"{b}_difference": np.nan})
                 row.update({f"{b}_change_pct_seed{r}": np.nan for r in range(settings.seeds)})
             rows.append(row)
             continue
         conds = [neurons]
         for b in settings.baselines:
             for r in range(settings.seeds):
-                conds.append(baseline_neurons(b, neurons, shape, np.random.default_rng(stable_seed(seed, sid, c, b, r))))
-        sc = evaluate(lm.model, lm.family, site, batches, conds, values, objective, budget=settings.batch_tokens, progress=progress)
+                conds.append(baseline_neurons(b, neurons, shape, np.random.default_rng(stable_seed(seed, clustering.sid, c, b, r))))
+        sc = evaluate(
+            lm.model,
+            lm.family,
+            site,
+            batches,
+            conds,
+            values,
+            objective,
+            budget=settings.batch_tokens,
+            progress=progress,
+            layer_mean=settings.layer_mean,
+        )
         if sc.base_count == 0:  # e.g. causal targets only at position 0 of inputs without a BOS token
             row.update(status=STATUS_EMPTY)
         loss, change = sc.loss, sc.change_pct
@@ -314,11 +362,82 @@ def evaluate_clustering(
         )
         for j, b in enumerate(settings.baselines):
             sl = slice(1 + j * settings.seeds, 1 + (j + 1) * settings.seeds)
-            m, lo, hi = t_interval(change[sl], settings.confidence)
-            row.update({f"{b}_loss": float(np.mean(loss[sl])), f"{b}_change_pct": m, f"{b}_ci_low": lo, f"{b}_ci_high": hi})
+            mean = float(np.mean(change[sl]))
+            row.update({f"{b}_loss": float(np.mean(loss[sl])), f"{b}_change_pct": mean, f"{b}_difference": float(change[0]) - mean})
             row.update({f"{b}_change_pct_seed{r}": float(v) for r, v in enumerate(change[sl])})
         rows.append(row)
     return pd.DataFrame(rows, columns=list(rows[0]) if rows else None)
+
+
+def exclusiveness(
+    lm: Any,
+    site: str,
+    values: np.ndarray,
+    clusters: pd.DataFrame,
+    explanations: pd.DataFrame,
+    pool: SentencePool,
+    settings: Settings,
+    key: Mapping[str, Any],
+    seed: int,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """The cluster x corpus specificity matrix (section 5.5): ablate cluster i, score on cluster j's sentences.
+
+    The clusters are a seeded sample of `exclusiveness_clusters` of the clustering's clusters that have
+    neurons and an evaluation corpus (the first `exclusiveness_sentences` of the sentences Table 3 uses).
+    One row per (ablated_cluster, corpus_cluster) with the % loss change on the corpus' targets.
+    """
+    objective = objective_for(lm.manifest["kind"])
+    clustering = _Clustering(lm, clusters, explanations, key, seed)
+    candidates = []
+    for c in sample_clusters(clustering.universe(), None, 0):
+        found = clustering.inputs(c, pool, settings)
+        if found.status == STATUS_OK:
+            candidates.append((c, found))
+    order = np.random.default_rng(stable_seed(seed, clustering.sid, "exclusiveness")).permutation(len(candidates))
+    chosen = sorted((candidates[i] for i in order[: settings.exclusiveness_clusters]), key=lambda x: x[0])
+    rows = []
+    conds = [found.neurons for _, found in chosen]
+    for corpus, found in chosen:
+        batches = token_batches(lm.manifest, found.examples[: settings.exclusiveness_sentences], settings.batch_tokens)
+        sc = evaluate(
+            lm.model,
+            lm.family,
+            site,
+            batches,
+            conds,
+            values,
+            objective,
+            budget=settings.batch_tokens,
+            progress=progress,
+            layer_mean=settings.layer_mean,
+        )
+        for (ablated, _), loss, change in zip(chosen, sc.loss, sc.change_pct):
+            rows.append(
+                {
+                    **key,
+                    "ablated_cluster": ablated,
+                    "corpus_cluster": corpus,
+                    "n_sentences": min(len(found.examples), settings.exclusiveness_sentences),
+                    "n_targets": int(sc.base_count),
+                    "base_loss": sc.base_loss,
+                    "loss": float(loss),
+                    "change_pct": float(change),
+                }
+            )
+    columns = [*key, "ablated_cluster", "corpus_cluster", "n_sentences", "n_targets", "base_loss", "loss", "change_pct"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def exclusiveness_by_cluster(matrix: pd.DataFrame) -> pd.DataFrame:
+    """Per ablated cluster: % change on its own corpus, mean % change on the other clusters' corpora, and the difference."""
+    if not len(matrix):
+        return pd.DataFrame(columns=["ablated_cluster", "own", "others", "difference", "n_others"])
+    own = matrix[matrix.ablated_cluster == matrix.corpus_cluster].set_index("ablated_cluster")["change_pct"]
+    other = matrix[matrix.ablated_cluster != matrix.corpus_cluster].groupby("ablated_cluster")["change_pct"]
+    out = pd.DataFrame({"own": own, "others": other.mean(), "n_others": other.size()}).dropna(subset=["own", "others"])
+    out["difference"] = out["own"] - out["others"]
+    return out.reset_index(names="ablated_cluster")[["ablated_cluster", "own", "others", "difference", "n_others"]]
 
 
 # ----------------------------------------------------------------------------- Table 3
@@ -329,33 +448,60 @@ def variant_label(variant: str, refined: bool) -> str:
     return f"{variant} + refine" if refined else variant
 
 
-def table3(frames: Sequence[pd.DataFrame], baselines: Sequence[str], confidence: float = 0.95) -> pd.DataFrame:
+def _interval(estimate: Any) -> tuple[float, float, float]:
+    return estimate.value, estimate.low, estimate.high
+
+
+def largest_columns(per_cluster: pd.DataFrame, columns: Sequence[str], confidence: float, resamples: int, seed: int) -> list[str]:
+    """The column whose paired bootstrap interval (over clusters) lies above every other column's, if any."""
+    from neuronatlas.replication import statistics
+
+    out = []
+    for c in columns:
+        others = [o for o in columns if o != c]
+        if others and all(
+            statistics.paired(per_cluster[c], per_cluster[o], confidence=confidence, resamples=resamples, seed=seed).low > 0 for o in others
+        ):
+            out.append(c)
+    return out
+
+
+def table3(
+    frames: Sequence[pd.DataFrame], baselines: Sequence[str], confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> pd.DataFrame:
     """The Table 3 aggregate: one row per (model, site, dataset, K, variant, refined) clustering.
 
-    `cluster` = mean % loss change over the clusters evaluated (status ok), with a t-interval across
-    clusters; each baseline = mean over seeds of the per-seed mean over clusters, with a t-interval
-    across seeds; `largest` names the column with the largest value; `beats_<b>` = share of clusters
-    whose own change exceeds that baseline's seed mean.
+    Units are the clusters evaluated (status ok). `cluster` = mean % loss change when the cluster is ablated,
+    each baseline = mean over clusters of its seed mean, `<b>_difference` = mean paired difference cluster − b;
+    every value with a seeded percentile-bootstrap interval over clusters. `largest` names the column whose
+    paired interval lies above every other column's ('' when none does: the row does not decide).
     """
+    from neuronatlas.replication import statistics
+
+    options = {"confidence": confidence, "resamples": resamples, "seed": seed}
     out = []
     for df in frames:
         if df is None or not len(df):
             continue
         ok = df[df["status"] == STATUS_OK]
         first = df.iloc[0]
-        row: dict[str, Any] = {k: first[k] for k in ("model", "site", "dataset", "k", "variant", "refined", "objective", "head") if k in df}
+        row: dict[str, Any] = {
+            k: first[k]
+            for k in ("model", "site", "dataset", "k", "variant", "refined", "mode", "objective", "head", "head_heldout_top1")
+            if k in df
+        }
         row.update(n_clusters=int(len(df)), n_ok=int(len(ok)), n_empty=int((df["status"] != STATUS_OK).sum()))
         row["base_loss"] = float(ok["base_loss"].mean()) if len(ok) else np.nan
-        m, lo, hi = t_interval(ok["cluster_change_pct"].to_numpy(), confidence)
-        row.update(cluster=m, cluster_ci_low=lo, cluster_ci_high=hi)
+        row["base_top1"] = float(ok["base_accuracy"].mean()) if len(ok) else np.nan
+        row["median_neurons"] = float(ok["n_neurons"].median()) if len(ok) else np.nan
+        for column, source in (("cluster", "cluster_change_pct"), *((b, f"{b}_change_pct") for b in baselines)):
+            value, low, high = _interval(statistics.bootstrap(ok[source], **options))
+            row.update({column: value, f"{column}_ci_low": low, f"{column}_ci_high": high})
         for b in baselines:
-            seed_cols = sorted((c for c in df.columns if c.startswith(f"{b}_change_pct_seed")), key=lambda c: int(c.rsplit("seed", 1)[1]))
-            per_seed = ok[seed_cols].mean(axis=0).to_numpy() if len(ok) and seed_cols else np.zeros(0)
-            m, lo, hi = t_interval(per_seed, confidence)
-            row.update({b: m, f"{b}_ci_low": lo, f"{b}_ci_high": hi})
-            row[f"beats_{b}"] = float((ok["cluster_change_pct"] > ok[f"{b}_change_pct"]).mean()) if len(ok) else np.nan
-        vals = {c: row[c] for c in ("cluster", *baselines) if np.isfinite(row[c])}
-        row["largest"] = max(vals, key=vals.get) if vals else ""
+            value, low, high = _interval(statistics.paired(ok["cluster_change_pct"], ok[f"{b}_change_pct"], **options))
+            row.update({f"{b}_difference": value, f"{b}_difference_ci_low": low, f"{b}_difference_ci_high": high})
+        per_cluster = pd.DataFrame({"cluster": ok["cluster_change_pct"], **{b: ok[f"{b}_change_pct"] for b in baselines}})
+        row["largest"] = ";".join(largest_columns(per_cluster, ["cluster", *baselines], **options)) if len(ok) >= 2 else ""
         out.append(row)
     table = pd.DataFrame(out)
     if len(table):
@@ -363,20 +509,36 @@ def table3(frames: Sequence[pd.DataFrame], baselines: Sequence[str], confidence:
     return table
 
 
+def _cell(value: float, low: float, high: float) -> str:
+    if not np.isfinite(value):
+        return "n/a"
+    return f"{value:.2f} [{low:.2f}, {high:.2f}]" if np.isfinite(low) else f"{value:.2f}"
+
+
 def table3_markdown(
     table: pd.DataFrame, baselines: Sequence[str], dataset_order: Sequence[str] | None = None, variant_order: Sequence[str] | None = None
 ) -> str:
-    """Table 3 as markdown, one table per (model, site): % loss change, the largest per row in bold."""
+    """Table 3 as markdown, one table per (model, site): % loss change with 95% intervals over clusters, the
+    paired differences cluster − baseline, and bold only where a column's paired interval lies above every other."""
     if not len(table):
         return "# Table 3: causal intervention\n\nNo clustering was evaluated.\n"
-    lines = ["# Table 3: causal intervention (loss change in %, largest per row in bold)", ""]
+    lines = ["# Table 3: causal intervention (loss change in %, 95% bootstrap intervals over clusters)", ""]
     cols = ["cluster", *baselines]
     for (model, site), g in table.groupby(["model", "site"], sort=False):
         obj = g["objective"].iloc[0] if "objective" in g else ""
         head = g["head"].iloc[0] if "head" in g else ""
-        lines += [f"## {model} / {site}", "", f"Objective: {obj}; head: {head}.", ""]
-        lines.append("| Setup | Method | " + " | ".join(f"*{c}*" for c in cols) + " | clusters (ok/evaluated) |")
-        lines.append("|---|---|" + "---|" * len(cols) + "---|")
+        top1 = g["head_heldout_top1"].iloc[0] if "head_heldout_top1" in g else np.nan
+        head_text = f"{head} (held-out top-1 of the fitted head {100 * top1:.1f}%)" if np.isfinite(top1) else head
+        mode = f"; ablation: {g['mode'].iloc[0]}" if "mode" in g else ""
+        lines += [f"## {model} / {site}", "", f"Objective: {obj}; head: {head_text}{mode}.", ""]
+        lines.append(
+            "| Setup | Method | n | base loss | base top-1 | "
+            + " | ".join(f"*{c}*" for c in cols)
+            + " | "
+            + " | ".join(f"cluster − {b}" for b in baselines)
+            + " |"
+        )
+        lines.append("|---|---|---|---|---|" + "---|" * (2 * len(cols) - 1))
         dorder = {d: i for i, d in enumerate(dataset_order or [])}
         vorder = {v: i for i, v in enumerate(variant_order or [])}
         g = g.assign(
@@ -385,21 +547,78 @@ def table3_markdown(
         last_setup = None
         for _, r in g.iterrows():
             setup = f"{r['dataset']} – {r['k']}"
+            bold = set(str(r["largest"]).split(";")) if isinstance(r["largest"], str) and r["largest"] else set()
             cells = []
             for c in cols:
-                v = r[c]
-                txt = "n/a" if not np.isfinite(v) else f"{v:.2f}"
-                cells.append(f"**{txt}**" if c == r["largest"] else txt)
+                txt = _cell(r[c], r[f"{c}_ci_low"], r[f"{c}_ci_high"])
+                cells.append(f"**{txt}**" if c in bold else txt)
+            diffs = [_cell(r[f"{b}_difference"], r[f"{b}_difference_ci_low"], r[f"{b}_difference_ci_high"]) for b in baselines]
+            top1_cell = f"{100 * r['base_top1']:.1f}%" if np.isfinite(r["base_top1"]) else "n/a"
+            base_cell = f"{r['base_loss']:.2f}" if np.isfinite(r["base_loss"]) else "n/a"
             lines.append(
                 f"| {setup if setup != last_setup else ''} | {variant_label(r['variant'], bool(r['refined']))} | "
-                + " | ".join(cells)
-                + f" | {r['n_ok']}/{r['n_clusters']} |"
+                f"{r['n_ok']}/{r['n_clusters']} | {base_cell} | {top1_cell} | " + " | ".join(cells + diffs) + " |"
             )
             last_setup = setup
         lines.append("")
     lines.append(
         "cluster: mean over evaluated clusters of the % change of the loss at the clusters' top tokens when the "
-        "cluster is ablated; baselines: mean over seeds (and clusters) of the same for matched random neuron sets. "
-        "Clusters with an empty evaluation corpus are counted in `evaluated` but not in the means."
+        "cluster is ablated; baselines: mean over clusters of each cluster's mean over seeds for matched random "
+        "neuron sets; cluster − baseline: the mean paired difference. Intervals: percentile bootstrap over clusters. "
+        "A cell is bold only when its paired interval lies above every other column of its row (the paper bolds the "
+        "largest value); n = clusters with an evaluation corpus / clusters evaluated; base loss and top-1: the "
+        "unablated model on the targets."
     )
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- Table 4
+
+TABLE4_RANKINGS = ("excess", "change")
+
+
+def table4(frames: Sequence[pd.DataFrame], baselines: Sequence[str], k: int, rank_by: str, clusters: int) -> pd.DataFrame:
+    """Table 4: per (model, dataset, site), the top tokens of the `clusters` clusters at K = k that rank highest.
+
+    `rank_by`: `excess` = cluster − the largest baseline (seed means), `change` = the cluster's own % loss
+    change (section 7.2's "largest difference ... with the original model").
+    """
+    if rank_by not in TABLE4_RANKINGS:
+        raise NeuronAtlasError(f"Table 4 ranking {rank_by!r} unknown; allowed: {', '.join(TABLE4_RANKINGS)}")
+    parts = [df[(df["status"] == STATUS_OK) & (df["k"] == k)] for df in frames if df is not None and len(df) and "k" in df]
+    parts = [p for p in parts if len(p)]
+    columns = ["model", "dataset", "site", "variant", "refined", "k", "cluster", "n_neurons", "cluster_change_pct", "excess", "top_tokens"]
+    if not parts:
+        return pd.DataFrame(columns=columns)
+    ok = pd.concat(parts, ignore_index=True)
+    ok["excess"] = ok["cluster_change_pct"] - ok[[f"{b}_change_pct" for b in baselines]].max(axis=1)
+    score = "excess" if rank_by == "excess" else "cluster_change_pct"
+    top = ok.sort_values(score, ascending=False, kind="stable").groupby(["model", "dataset", "site"], sort=False).head(clusters)
+    return top.sort_values(["model", "site", "dataset", score], ascending=[True, True, True, False], kind="stable")[columns].reset_index(
+        drop=True
+    )
+
+
+def table4_markdown(table: pd.DataFrame, rank_by: str) -> str:
+    """Table 4 as markdown: one block per (model, dataset, site)."""
+    what = "cluster − largest baseline" if rank_by == "excess" else "the cluster's own loss change"
+    lines = [f"# Table 4: top-activating tokens of the clusters with the largest effect (ranked by {what})", ""]
+    if not len(table):
+        return "\n".join(lines + ["No cluster was evaluated at this K.", ""])
+    for (model, dataset, site), g in table.groupby(["model", "dataset", "site"], sort=False):
+        lines += [
+            f"## {model} / {dataset} / {site}",
+            "",
+            "| Cluster | neurons | loss change % | cluster − largest baseline | tokens |",
+            "|---|---|---|---|---|",
+        ]
+        for _, r in g.iterrows():
+            name = (
+                f"{dataset}-{r['cluster']}/{r['k']}"
+                + ("-" + r["variant"] if r["variant"] != "filter" else "")
+                + ("-refined" if r["refined"] else "")
+            )
+            tokens = ", ".join(json.loads(r["top_tokens"])).replace("|", "\\|")
+            lines.append(f"| {name} | {r['n_neurons']} | {r['cluster_change_pct']:.2f} | {r['excess']:.2f} | {tokens} |")
+        lines.append("")
+    return "\n".join(lines)

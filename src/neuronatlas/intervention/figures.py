@@ -13,7 +13,7 @@ plt = pyplot()
 
 
 def fig4(df: pd.DataFrame, out: str | Path, baseline: str = "random_position") -> None:
-    """Per evaluated cluster: loss of the intact model, with the cluster ablated, and the baseline (mean, CI bars).
+    """Per evaluated cluster: loss of the intact model, with the cluster ablated, and the baseline (mean, seed range).
 
     Clusters whose evaluation corpus is empty are marked on the x axis (no bars). The title names the
     clustering, the objective and whether the MLM head was fitted.
@@ -29,13 +29,17 @@ def fig4(df: pd.DataFrame, out: str | Path, baseline: str = "random_position") -
         ax.bar(x[ok], df.loc[ok, "cluster_loss"], w, label="without the cluster (ablated)", color="#dd8452")
         if f"{baseline}_loss" in df:
             base = df["base_loss"].to_numpy()
-            # CI of the baseline's % change, drawn on the loss scale
-            lo = base * (1 + df.get(f"{baseline}_ci_low", pd.Series(np.nan, index=df.index)).to_numpy() / 100)
-            hi = base * (1 + df.get(f"{baseline}_ci_high", pd.Series(np.nan, index=df.index)).to_numpy() / 100)
+            # the spread of the baseline over its seeds (min to max), drawn on the loss scale
+            seed_cols = [c for c in df.columns if c.startswith(f"{baseline}_change_pct_seed")]
+            seeds = df[seed_cols].to_numpy(np.float64) if seed_cols else np.full((n, 1), np.nan)
+            with np.errstate(invalid="ignore"):
+                lo = base * (1 + np.nanmin(np.where(np.isfinite(seeds), seeds, np.inf), axis=1) / 100)
+                hi = base * (1 + np.nanmax(np.where(np.isfinite(seeds), seeds, -np.inf), axis=1) / 100)
             mid = df[f"{baseline}_loss"].to_numpy()
             err = np.vstack([np.clip(mid - lo, 0, None), np.clip(hi - mid, 0, None)])
             err = np.where(np.isfinite(err), err, 0.0)
-            ax.bar(x[ok] + w, mid[ok], w, yerr=err[:, ok], capsize=2, label=f"{baseline} baseline (mean, 95% CI)", color="#55a868")
+            label = f"{baseline} baseline (mean, range over {len(seed_cols)} seeds)"
+            ax.bar(x[ok] + w, mid[ok], w, yerr=err[:, ok], capsize=2, label=label, color="#55a868")
         for i in np.flatnonzero(~ok):
             ax.annotate(
                 str(df.loc[i, "status"]).replace("_", " "), (x[i], 0), rotation=90, ha="center", va="bottom", fontsize=7, color="#c44e52"

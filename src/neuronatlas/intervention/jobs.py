@@ -33,12 +33,11 @@ def intervention_ablate(
 
     import torch
 
-    from neuronatlas.core.ablation import ablation_values
     from neuronatlas.core.corpus import read_shard, shard_files
     from neuronatlas.core.errors import ModelUnavailableError
     from neuronatlas.core.mlm_head import head_info
     from neuronatlas.core.models import load
-    from neuronatlas.intervention.evaluation import Settings, evaluate_clustering, sentence_pool
+    from neuronatlas.intervention.evaluation import Settings, evaluate_clustering, exclusiveness, mode_values, sentence_pool
 
     key = dict(params["key"])
     st = dict(params["settings"])
@@ -58,7 +57,7 @@ def intervention_ablate(
         head_heldout_loss=info["heldout_loss"] if info else np.nan,
         head_heldout_top1=info["heldout_top1"] if info else np.nan,
     )
-    values = ablation_values(stats, st["mode"], tuple(lm.manifest["sites"][key["site"]]))
+    values = mode_values(stats, st["mode"], tuple(lm.manifest["sites"][key["site"]]))
     frames = [read_shard(p) for p in shard_files(shards_dir, params["eval_shards"])]
     t0 = time.perf_counter()
     pool = sentence_pool(lm.tokenizer, frames, st["min_tokens"], st["pool_sentences"])
@@ -85,20 +84,35 @@ def intervention_ablate(
             + " ".join(f"{b} {ok[f'{b}_change_pct'].mean() if len(ok) else float('nan'):.2f}%" for b in settings.baselines),
             flush=True,
         )
+    if "exclusiveness" in outputs:
+        variant, k = params["exclusiveness"]
+        name = clustering_name(variant, k, False)
+        t1 = time.perf_counter()
+        clusters = pd.read_parquet(inputs[name]["clusters"])
+        expl = pd.read_csv(inputs[name]["explanations"], keep_default_na=False)
+        ckey = {**key, "variant": variant, "k": int(k), "refined": False, "mode": st["mode"]}
+        with torch.inference_mode():
+            matrix = exclusiveness(lm, key["site"], values, clusters, expl, pool, settings, ckey, params["seed"], progress=True)
+        tables.write_csv(outputs["exclusiveness"], matrix)
+        print(f"exclusiveness of {name}: {matrix['ablated_cluster'].nunique()} clusters in {time.perf_counter() - t1:.1f}s", flush=True)
 
 
 def intervention_table(
-    inputs: Sequence[str], table_csv: str, table_md: str, figures: Mapping[str, str], params: Mapping[str, Any]
+    inputs: Sequence[str], outputs: Mapping[str, str], figures: Mapping[str, str], params: Mapping[str, Any]
 ) -> pd.DataFrame:
-    """Rule intervention_table: Table 3 (CSV + markdown) from every per-clustering CSV, and Fig. 4 per (model, dataset, site)."""
-    from neuronatlas.intervention.evaluation import table3, table3_markdown
+    """Rule intervention_table: Tables 3 and 4 (CSV + markdown) from every per-clustering CSV, and Fig. 4 per
+    (model, dataset, site)."""
+    from neuronatlas.intervention.evaluation import table3, table3_markdown, table4, table4_markdown
     from neuronatlas.intervention.figures import fig4
 
     frames = [pd.read_csv(p) for p in inputs]
     baselines = params["baselines"]
-    table = table3(frames, baselines, params["confidence"])
-    tables.write_csv(table_csv, table)
-    tables.write_text(table_md, table3_markdown(table, baselines, params["datasets"], params["variants"]))
+    table = table3(frames, baselines, params["confidence"], params["resamples"], params["seed"])
+    tables.write_csv(outputs["csv"], table)
+    tables.write_text(outputs["md"], table3_markdown(table, baselines, params["datasets"], params["variants"]))
+    top = table4(frames, baselines, params["table4"]["k"], params["table4"]["rank_by"], params["table4"]["clusters"])
+    tables.write_csv(outputs["table4_csv"], top)
+    tables.write_text(outputs["table4_md"], table4_markdown(top, params["table4"]["rank_by"]))
     by_name = {p: f for p, f in zip(inputs, frames)}
     for triple, out in figures.items():
         src = params["figure_inputs"][triple]
