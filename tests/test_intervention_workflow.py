@@ -99,7 +99,8 @@ def test_config_edits_rerun_only_the_affected_intervention_dag(tiny_dag, tokeniz
     base = helpers.tiny_config(work, tokenizers)
     cfg = copy.deepcopy(base)
     cfg["intervention"]["seeds"] = 3
-    assert _dry_run_jobs(work, cfg) == {"intervention_ablate", "intervention_table"}
+    # the replication report reads the per-cluster CSVs, so its job re-runs too
+    assert _dry_run_jobs(work, cfg) == {"intervention_ablate", "intervention_table", "replication_claims"}
     cfg = copy.deepcopy(base)
     cfg["mlm_head"]["epochs"] = 2
     assert _dry_run_jobs(work, cfg) >= {"fit_mlm_head", "intervention_ablate", "intervention_table"}
