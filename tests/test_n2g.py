@@ -380,7 +380,7 @@ def test_run_layer_recomputes_the_stored_examples_and_scores_held_out_tokens(tin
     # the evaluation is the graph's prediction against the recomputed activations of the test windows
     for n, g in res.graphs.items():
         r = topk[topk.neuron == n].iloc[0]
-        exs = build.neuron_examples(s.topk(1), n, docs)
+        exs, _ = build.deduplicate(build.neuron_examples(s.topk(1), n, docs), settings.dedup_context)
         test = [exs[i] for i in build.split_examples(len(exs), settings.train_fraction, 0, 1, n)[1]]
         assert r["tokens"] == sum(len(ex.ids) for ex in test)  # every token of the held-out windows is scored
         # the tokens that fire, from the MLP input of layer 1 read with a plain torch hook
@@ -417,3 +417,145 @@ def test_random_eval_windows_are_seeded_windows_of_the_given_documents(tiny_gpt2
     allowed = [w for _, _, w in docs.windows(ids)]
     assert all(any(np.array_equal(x, w) for w in allowed) for x in a)
     assert len(build.random_windows(docs, ids, 50, 0, 1)) == len(ids)  # one window per document at most
+
+
+# ----------------------------------------------------------------------------- comparability, spread, eligibility, dedup
+
+
+def test_precision_when_no_prediction_follows_the_reference_only_when_asked():
+    fires = np.array([1, 1, 0, 0, 0], bool)
+    none = np.zeros(5, bool)
+    for rule, want in (("nan", math.nan), ("one", 1.0)):
+        m = n2g.firing_metrics(fires, none, rule)
+        assert math.isnan(m["firing_precision"]) if math.isnan(want) else m["firing_precision"] == want
+        assert m["firing_recall"] == 0.0 and m["firing_f1"] == 0.0  # recall and F1 do not depend on the rule
+        assert m["nonfiring_precision"] == pytest.approx(3 / 5)  # 3 true non-firing of the 5 predicted non-firing
+    # the class never occurs and is never predicted: undefined under both readings (the reference drops such neurons)
+    assert math.isnan(n2g.firing_metrics(none, none, "one")["firing_precision"])
+    # something predicted: the rule changes nothing
+    some = np.array([1, 0, 1, 0, 0], bool)
+    assert n2g.firing_metrics(fires, some, "one") == n2g.firing_metrics(fires, some, "nan")
+    with pytest.raises(ValueError, match="precision_when_no_prediction"):
+        n2g.firing_metrics(fires, none, "zero")
+
+
+def test_layer_table_intervals_are_a_seeded_bootstrap_over_the_neurons_where_defined():
+    f1 = [0.1, 0.5, math.nan, 0.9, 0.3, 0.7]
+    rows = [
+        {"eval_set": "topk", "layer": 2, "tokens": 4, "firing_true": 1, "eligible": 40, "duplicates": i % 2}
+        | {f"{c}_{m}": (v if (c, m) == ("firing", "f1") else 1.0) for c in n2g.METRIC_CLASSES for m in n2g.METRICS}
+        for i, v in enumerate(f1)
+    ]
+    (tab,) = n2g.layer_table(rows, confidence=0.9, resamples=500, seed=7)
+    # by hand: the 5 defined values, resampled 500 times with numpy's generator seeded 7, 5th and 95th percentiles
+    values = np.array([0.1, 0.5, 0.9, 0.3, 0.7])
+    draws = values[np.random.default_rng(7).integers(0, 5, size=(500, 5))].mean(axis=1)
+    assert tab["firing_f1"] == pytest.approx(0.5) and tab["firing_f1_n"] == 5 and tab["neurons"] == 6
+    assert tab["firing_f1_low"] == pytest.approx(np.quantile(draws, 0.05))
+    assert tab["firing_f1_high"] == pytest.approx(np.quantile(draws, 0.95))
+    assert tab["nonfiring_recall_low"] == tab["nonfiring_recall_high"] == 1.0  # a constant has a zero-width interval
+    assert tab["eligible"] == 40 and tab["duplicates"] == 3
+    md = n2g.table_markdown([tab], "t")
+    assert f"0.50 [{tab['firing_f1_low']:.2f}, {tab['firing_f1_high']:.2f}] (n=5)" in md
+
+
+def test_eligibility_counts_the_stored_examples_that_fire():
+    max_act = np.array([2.0, 2.0, 2.0, 0.0])
+    acts = np.array([[2.0, 1.2, 0.9, 1.01], [2.0, 0.5, 0.4, 0.3], [2.0, 1.5, -np.inf, -np.inf], [0.0, 0.0, 0.0, 0.0]])
+    doc = np.array([[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, -1, -1], [0, 1, 2, 3]])
+    # a / a_max > 0.5: neuron 0 has 2.0, 1.2 and 1.01 (0.9 is 0.45), neuron 1 only its maximum, neuron 2 both examples
+    np.testing.assert_array_equal(build.firing_examples(acts, doc, max_act, 0.5), [3, 1, 2, 0])
+    assert list(build.eligible_neurons(max_act, doc, 2, acts, 1, 0.5)) == [0, 1, 2]  # neuron 3 never activates
+    assert list(build.eligible_neurons(max_act, doc, 2, acts, 2, 0.5)) == [0, 2]
+    assert list(build.eligible_neurons(max_act, doc, 2, acts, 3, 0.5)) == [0]
+    # one seeded order: a stricter rule removes neurons and never reorders the others
+    wide = build.sample_order(max_act, doc, 1, 0, acts, 1)
+    strict = build.sample_order(max_act, doc, 1, 0, acts, 2)
+    assert [n for n in wide if n in set(strict)] == list(strict) and set(wide) == {0, 1, 2}
+    perm = np.random.default_rng([0, 1]).permutation(4)
+    assert list(wide) == [n for n in perm if n in (0, 1, 2)]
+
+
+def _example(ids, key, activation=1.0, start=0):
+    ids = np.asarray(ids, np.int64)
+    return build.Example(0, start, start + key, activation, ids, np.zeros((len(ids), 2), np.int64), "")
+
+
+def test_deduplicate_keeps_the_first_of_repeated_contexts():
+    exs = [
+        _example([9, 1, 2, 3, 4], 4, 5.0),  # context 2: (2, 3, 4)
+        _example([7, 7, 2, 3, 4, 8], 4, 4.0),  # same key token and 2 tokens before it: dropped
+        _example([1, 2, 3, 5], 3, 3.0),  # (2, 3, 5): a different key token
+        _example([6, 3, 4], 2, 2.0),  # (6, 3, 4): differs two tokens back
+        _example([3, 4], 1, 1.0),  # (3, 4): a shorter context is never a duplicate of a longer one
+    ]
+    kept, dropped = build.deduplicate(exs, 2)
+    assert [ex.activation for ex in kept] == [5.0, 3.0, 2.0, 1.0] and dropped == 1
+    kept, dropped = build.deduplicate(exs, 1)  # (3, 4) now repeats the first example's last two tokens too
+    assert [ex.activation for ex in kept] == [5.0, 3.0] and dropped == 3
+    assert build.deduplicate(exs, None) == (exs, 0)
+
+
+def test_graph_json_keeps_the_prompts_it_was_built_from(tiny_gpt2, tiny_store, tiny_models):
+    tmp, frame = tiny_store
+    lm = tiny_gpt2
+    s = store.open_store(tmp / "stats.h5")
+    docs = build.DocumentTokens(lm.tokenizer, [tmp / "shard-0.parquet"], 16, lm.manifest["prefix_ids"], lm.manifest["suffix_ids"])
+    mlm = models.load(tiny_models["bert"], "cpu", "float32", head=True)
+    aug = build.Augmenter(mlm, "tiny-bert", n=2, min_probability=0.0, max_words=2)
+    res = build.run_layer(lm, s.topk(1), s.neuron("max")[1], 1, docs, build.N2GSettings(prune_batch=4), 3, 0, aug, progress=False)
+    prefix = list(lm.manifest["prefix_ids"])
+    augmented = 0
+    for n, g in res.graphs.items():
+        row = next(r for r in res.rows if r["neuron"] == n and r["eval_set"] == "topk")
+        pruned = [p for p in g.prompts if p["source"] == "pruned"]
+        assert len(pruned) == row["train_examples"] and len(g.prompts) - len(pruned) == row["prompts_augmented"]
+        a_max = float(s.neuron("max")[1][n])
+        for p in g.prompts:
+            # the recorded activations are the neuron's on the prompt (after the model's prefix), the normalised ones
+            # those times the prompt's scale over a_max, and the prompt ends at its example's key token
+            want = naive_acts(lm, prefix + p["ids"], 1, n)[len(prefix) :]
+            np.testing.assert_allclose(p["activations"], want, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(p["normalised"], np.array(p["activations"]) * p["scale"] / a_max, rtol=1e-4, atol=1e-6)
+            assert len(p["tokens"]) == len(p["ids"]) == len(p["key_importance"])
+            if p["source"] == "augmented":
+                augmented += 1
+                parent = pruned[p["parent"]]
+                assert p["substitute"] != p["word"] and p["scale"] == parent["scale"] and p["doc_id"] == parent["doc_id"]
+        restored = n2g.NeuronGraph.from_json(g.to_json())
+        assert restored.prompts == g.prompts
+    assert augmented > 0
+
+
+# ----------------------------------------------------------------------------- claims
+
+
+def _n2g_frame(layers, f1, nonfiring, n_layers=10):
+    return pd.DataFrame({"eval_set": "topk", "layer": layers, "n_layers": n_layers, "firing_f1": f1, "nonfiring_f1": nonfiring})
+
+
+def test_n2g_claims_slope_on_relative_depth_and_nonfiring_mean():
+    from scipy import stats as scipy_stats
+
+    from neuronatlas.n2g import claims as n2g_claims
+
+    rng = np.random.default_rng(0)
+    layers = np.repeat([0, 3, 6, 9], 12)
+    f1 = np.clip(0.8 - 0.05 * layers + rng.normal(0, 0.1, len(layers)), 0, 1)
+    f1[5] = math.nan  # a neuron without a firing token in its test half: left out
+    nonfiring = 0.97 + 0.02 * rng.random(len(layers))
+    frame = _n2g_frame(layers, f1, nonfiring)
+    frame = pd.concat([frame, frame.assign(eval_set="random", firing_f1=1.0)])  # only the topk rows count
+    slope_row, nonfiring_row = n2g_claims.n2g_rows(frame, {"resamples": 1000, "seed": 0}, "m", "d")
+    keep = np.isfinite(f1)
+    fit = scipy_stats.linregress(layers[keep] / 9.0, f1[keep])
+    assert slope_row["estimate"] == pytest.approx(fit.slope) and slope_row["n"] == 47
+    assert slope_row["ci_high"] < 0 and slope_row["verdict"] == "reproduced"
+    assert "slope per layer" in slope_row["note"] and f"{fit.slope / 9:.3g}" in slope_row["note"]
+    assert nonfiring_row["estimate"] == pytest.approx(nonfiring.mean()) and nonfiring_row["verdict"] == "reproduced"
+    # a flat F1 over depth is not a decline; two layers are too few for any trend
+    flat = _n2g_frame(layers, 0.5 + rng.normal(0, 0.1, len(layers)), nonfiring)
+    assert n2g_claims.n2g_rows(flat, {"resamples": 1000}, "m", "d")[0]["verdict"] in ("inconclusive", "not reproduced")
+    two = _n2g_frame(np.repeat([0, 9], 24), np.repeat([0.8, 0.2], 24) + rng.normal(0, 0.01, 48), np.ones(48))
+    row = n2g_claims.n2g_rows(two, {"resamples": 1000}, "m", "d")[0]
+    assert row["verdict"] == "inconclusive" and "at least 3" in row["note"] and row["estimate"] < 0

@@ -34,6 +34,10 @@ def test_n2g_outputs_table_and_graphs(run):
             assert f"{c}_{m}" in tab and f"{c}_{m}_n" in tab
             vals = tab[f"{c}_{m}"].dropna()
             assert ((vals >= 0) & (vals <= 1)).all()
+            bounded = tab.dropna(subset=[f"{c}_{m}_low"])
+            assert (
+                (bounded[f"{c}_{m}_low"] <= bounded[f"{c}_{m}"] + 1e-12) & (bounded[f"{c}_{m}"] <= bounded[f"{c}_{m}_high"] + 1e-12)
+            ).all()
     assert (tab["neurons"] == 3).all() and tab["augmentation"].str.contains("tbert").all()
     md = (R / "tables" / "n2g" / "tgpt" / "fix.md").read_text()
     assert "Firing precision" in md and "tbert" in md
@@ -49,6 +53,16 @@ def test_n2g_outputs_table_and_graphs(run):
             assert (graphs / f"L1-N{n}.{ext}").exists()
     info = json.loads((graphs / "layer.json").read_text())
     assert info["max_rel_error_key_activation"] < 1e-3 and "tbert" in info["augmentation"]
+    assert info["store_tokens"] > 0 and info["eligible"] >= 3 and "held-out top-1" in info["augmentation"]  # a fitted head
+    # every graph keeps the prompts it was built from, with their activations
+    for n in top["neuron"]:
+        saved = json.loads((graphs / f"L1-N{n}.json").read_text())
+        row = top[top.neuron == n].iloc[0]
+        assert sum(p["source"] == "pruned" for p in saved["prompts"]) == row["train_examples"]
+        assert sum(p["source"] == "augmented" for p in saved["prompts"]) == row["prompts_augmented"]
+        assert all(len(p["activations"]) == len(p["ids"]) for p in saved["prompts"])
+    assert {"duplicates", "firing_examples", "second_ratio", "n_layers"} <= set(neurons.columns)
+    assert "eligible neurons" in md and "[" in md  # the budget note and the intervals
 
 
 def test_saved_graph_reproduces_the_reported_evaluation(run):
@@ -65,7 +79,7 @@ def test_saved_graph_reproduces_the_reported_evaluation(run):
         topk, a_max = s.topk(1), float(s.neuron("max")[1][n])
     shards = [R / "corpora" / "fix" / "shards" / f"shard-{i}.parquet" for i in (0, 1)]
     docs = build.DocumentTokens(lm.tokenizer, shards, 16, lm.manifest["prefix_ids"], lm.manifest["suffix_ids"])
-    exs = build.neuron_examples(topk, n, docs)
+    exs, _ = build.deduplicate(build.neuron_examples(topk, n, docs), cfg["n2g"]["dedup_context"])
     _, test_i = build.split_examples(len(exs), 0.5, cfg["seed"], 1, n)
     probe = build.LayerProbe(lm, 1)
     keys = n2g.TokenKeys(lm.tokenizer)
@@ -81,27 +95,38 @@ def test_saved_graph_reproduces_the_reported_evaluation(run):
 def test_feature_cluster_outputs(run):
     work, cfg, R = run
     tab = pd.read_csv(R / "tables" / "feature_clusters" / "tgpt" / "fix.csv")
-    assert list(tab["embedding"]) == ["pre_mlp", "neuron"] and (tab["neurons"] == 6).all()
-    assert (tab["weight"] == "W_in").all()
+    assert list(tab["embedding"]) == ["pre_mlp", "neuron", "neuron - pre_mlp"] * 2 and (tab["neurons"] == 6).all()
+    assert list(tab["source"]) == ["topk"] * 3 + ["rescan"] * 3
+    assert (tab["weight"] == "W_in").all() and tab["clustering"].str.contains("2 clusters").all()
     md = (R / "tables" / "feature_clusters" / "tgpt" / "fix.md").read_text()
-    assert "| Pre-MLP |" in md and "| Neuron |" in md
+    assert "| Pre-MLP |" in md and "| Neuron |" in md and "Neuron − Pre-MLP (paired)" in md and "examples: rescan" in md
     neurons = pd.read_csv(R / "tgpt" / "fix" / "mlp" / "feature_clusters" / "neurons.csv")
     ex = pd.read_csv(R / "tgpt" / "fix" / "mlp" / "feature_clusters" / "examples.csv")
     assert len(ex) == neurons["examples"].sum()
+    # the rescan keeps at most rescan.max_examples of the windows it found above the fraction
+    rescanned = neurons[neurons.source == "rescan"]
+    assert (rescanned["examples"] <= rescanned["found"]).all() and (rescanned["examples"] <= 12).all()
     # the same seeded neuron sample as N2G in the layer both sample (3 per layer)
     n2g_neurons = pd.read_csv(R / "tgpt" / "fix" / "mlp" / "n2g" / "neurons.csv")
-    assert set(neurons.loc[neurons.layer == 1, "neuron"]) == set(n2g_neurons["neuron"])
+    for source in ("topk", "rescan"):
+        assert set(neurons.loc[(neurons.layer == 1) & (neurons.source == source), "neuron"]) == set(n2g_neurons["neuron"])
     for emb in ("pre_mlp", "neuron"):
-        per = ex.groupby(["layer", "neuron"])[f"{emb}_cluster"].nunique().reset_index()
-        merged = per.merge(neurons, on=["layer", "neuron"])
+        per = ex.groupby(["source", "layer", "neuron"])[f"{emb}_cluster"].nunique().reset_index()
+        merged = per.merge(neurons, on=["source", "layer", "neuron"])
         assert (merged[f"{emb}_cluster"] == merged[f"{emb}_clusters"]).all()
+    # the paired row is the mean of the per-neuron differences over the neurons defined for both embeddings
+    top = neurons[neurons.source == "topk"]
+    diff = (top["neuron_inter"] - top["pre_mlp_inter"]).dropna()
+    paired = tab[(tab.source == "topk") & (tab.embedding == "neuron - pre_mlp")].iloc[0]
+    assert paired["inter"] == pytest.approx(diff.mean()) and paired["inter_n"] == len(diff)
     assert (R / "figures" / "feature_clusters" / "tgpt" / "fix.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize(
     "edit, must, must_not",
     [
-        (lambda c: c["feature_clusters"].update(threshold=0.3), {"n2g_feature_clusters"}, {"n2g_layer", "n2g_table"}),
+        (lambda c: c["feature_clusters"].update(clusters=3), {"n2g_feature_clusters"}, {"n2g_layer", "n2g_table"}),
+        (lambda c: c["n2g"].update(dedup_context=4), {"n2g_layer", "n2g_table"}, {"n2g_feature_clusters"}),
         (lambda c: c["n2g"].update(importance_threshold=0.6), {"n2g_layer", "n2g_table"}, {"n2g_feature_clusters"}),
         (lambda c: c["n2g"]["augment"].update(substitutions=1), {"n2g_layer"}, {"n2g_feature_clusters"}),
     ],
@@ -136,4 +161,25 @@ def test_config_checks_name_the_key(run):
     bad["n2g"]["runs"] = {"tgpt": ["notes"]}  # notes has no eval shards but random windows are asked for
     with pytest.raises(ConfigError, match="random_eval_windows"):
         check_config(bad)
+    bad = copy.deepcopy(cfg)
+    bad["n2g"]["min_firing_examples"] = cfg["activations"]["top_k"] + 1  # more firing examples than the store keeps
+    with pytest.raises(ConfigError, match="n2g.min_firing_examples"):
+        check_config(bad)
     assert check_config(cfg) is None
+
+
+def test_claim_rows_of_both_papers(run):
+    work, cfg, R = run
+    table = pd.read_csv(R / "replication" / "claims.csv")
+    mine = table[table.claim_id.str.startswith("foote.")]
+    assert set(mine["claim_id"]) == {
+        "foote.n2g_table1.firing_f1_falls_with_depth",
+        "foote.n2g_table1.nonfiring_f1_near_one",
+        "foote.embeddings_table1.neuron_embedding_intra_lower",
+        "foote.embeddings_table1.neuron_embedding_inter_higher",
+        "foote.embeddings_table1.neuron_embedding_silhouette_higher",
+    }
+    # one sampled layer and three neurons: no slope, and too few neurons for any verdict
+    slope = mine[mine.claim_id == "foote.n2g_table1.firing_f1_falls_with_depth"].iloc[0]
+    assert slope["verdict"] == "inconclusive" and "at least 3" in slope["note"]
+    assert (mine.loc[mine.claim_id.str.contains("embeddings"), "scope"].str.contains("rescan")).any()

@@ -2,9 +2,11 @@
 # MLP neurons from the store's top-k examples.
 #   n2g_layer             per (model, dataset, layer): prune / saliency / augment / trie for a seeded sample of
 #                         the layer's neurons, evaluated on held-out examples; graph pictures
-#   n2g_table             per (model, dataset): all neurons, the paper's Table 1 (CSV + markdown) and its figure
-#   n2g_feature_clusters  per (model, dataset): pre-MLP vs neuron embeddings of each sampled neuron's examples,
-#                         hierarchical clustering, intra/inter-cluster distances (the excerpt's Table 1), dendrogram
+#   n2g_table             per (model, dataset): all neurons, the paper's Table 1 with bootstrap intervals over neurons
+#                         (CSV + markdown) and its figure
+#   n2g_feature_clusters  per (model, dataset): pre-MLP vs neuron embeddings of each sampled neuron's examples (top-k
+#                         and, optionally, a rescan of the held-in shards), clustered at matched K; intra/inter-cluster
+#                         distances and silhouettes with paired differences (the excerpt's Table 1), dendrogram
 import neuronatlas.n2g.dag as n2g_dag
 
 n2g_dag.check_config(config)
@@ -68,6 +70,8 @@ rule n2g_table:
     resources:
         mem_mb=lambda wc, attempt: estimate.scaled(1500, 10, attempt)["mem_mb"],
         runtime=lambda wc, attempt: estimate.scaled(1500, 10, attempt)["runtime"],
+    params:
+        table=n2g_dag.table_params(config),
     script:
         "../scripts/n2g_table.py"
 
@@ -100,10 +104,12 @@ rule n2g_feature_clusters:
         MODEL_ENV
     threads: config["threads"]
     resources:
-        mem_mb=lambda wc, input, attempt: n2g_dag.feature_cluster_resources(config, wc.model, input, attempt)["mem_mb"],
-        runtime=lambda wc, input, attempt: n2g_dag.feature_cluster_resources(config, wc.model, input, attempt)[
-            "runtime"
-        ],
+        mem_mb=lambda wc, input, attempt: n2g_dag.feature_cluster_resources(
+            config, wc.model, input, attempt, wc.dataset
+        )["mem_mb"],
+        runtime=lambda wc, input, attempt: n2g_dag.feature_cluster_resources(
+            config, wc.model, input, attempt, wc.dataset
+        )["runtime"],
         gpu=GPUS,
     params:
         feature_clusters=lambda wc: n2g_dag.fc_params(config, wc.model, wc.dataset),

@@ -16,4 +16,5 @@ with logged(snakemake.log[0]):
         {**snakemake.params.n2g, "threads": snakemake.threads},
         mlm_manifest=given.get("mlm_manifest"),
         mlm_head=given.get("mlm_head"),
+        mlm_head_metrics=given.get("mlm_head_metrics"),
     )

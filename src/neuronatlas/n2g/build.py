@@ -20,6 +20,9 @@ For one MLP neuron and its top-k dataset examples (the store's "Neuroscope" data
 5. **evaluate** on held-out examples: firing = normalised activation > `fire_threshold`; precision,
    recall and F1 for firing and for non-firing tokens (:func:`firing_metrics`, explicit NaN rules).
 
+Neurons are sampled in one seeded order among those with enough firing examples (:func:`sample_order`), and a
+neuron's near-identical examples are dropped before its train/test split (:func:`deduplicate`).
+
 Everything that runs the model goes through :class:`LayerProbe` (the one record hook of
 `neuronatlas.adapters`, cut after the needed layer with `StopForward`).
 """
@@ -48,18 +51,63 @@ from neuronatlas.n2g.graph import KEY_TOLERANCE, NeuronGraph, TokenKeys, firing_
 # ============================================================================ examples from the store
 
 
-def eligible_neurons(max_act: np.ndarray, doc_ids: np.ndarray, min_examples: int = 2) -> np.ndarray:
-    """Neurons of one layer that can be explained: positive maximum and at least `min_examples` stored examples."""
+def firing_examples(activations: np.ndarray, doc_ids: np.ndarray, max_act: np.ndarray, fire_threshold: float = 0.5) -> np.ndarray:
+    """Per neuron, how many of its stored examples fire: activation / a_max > `fire_threshold` (empty slots never do)."""
+    act = np.asarray(activations, np.float64)
+    top = np.asarray(max_act, np.float64)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(top > 0, act / np.where(top > 0, top, 1.0), 0.0)
+    return ((np.asarray(doc_ids) >= 0) & (ratio > fire_threshold)).sum(axis=-1)
+
+
+def eligible_neurons(
+    max_act: np.ndarray,
+    doc_ids: np.ndarray,
+    min_examples: int = 2,
+    activations: np.ndarray | None = None,
+    min_firing_examples: int = 1,
+    fire_threshold: float = 0.5,
+) -> np.ndarray:
+    """Neurons of one layer that can be explained: positive maximum, at least `min_examples` stored examples and, given
+    the stored `activations`, at least `min_firing_examples` of them firing (activation / a_max > `fire_threshold`)."""
     n_ex = (doc_ids >= 0).sum(axis=-1)
-    return np.flatnonzero((max_act > 0) & (n_ex >= min_examples))
+    ok = (max_act > 0) & (n_ex >= min_examples)
+    if activations is not None:
+        ok &= firing_examples(activations, doc_ids, max_act, fire_threshold) >= min_firing_examples
+    return np.flatnonzero(ok)
 
 
-def sample_neurons(max_act: np.ndarray, doc_ids: np.ndarray, layer: int, n: int | None, seed: int) -> np.ndarray:
-    """A seeded sample of `n` eligible neurons of a layer (sorted); the first n of one fixed permutation,
+def sample_order(
+    max_act: np.ndarray,
+    doc_ids: np.ndarray,
+    layer: int,
+    seed: int,
+    activations: np.ndarray | None = None,
+    min_firing_examples: int = 1,
+    fire_threshold: float = 0.5,
+) -> np.ndarray:
+    """The eligible neurons of a layer in one seeded order: a permutation of all the layer's neurons (generator seeded
+    with [seed, layer]) with the ineligible ones left out, so eligibility settings never reorder the rest."""
+    perm = np.random.default_rng([seed, layer]).permutation(len(max_act))
+    elig = np.zeros(len(max_act), bool)
+    elig[eligible_neurons(max_act, doc_ids, 2, activations, min_firing_examples, fire_threshold)] = True
+    return perm[elig[perm]]
+
+
+def sample_neurons(
+    max_act: np.ndarray,
+    doc_ids: np.ndarray,
+    layer: int,
+    n: int | None,
+    seed: int,
+    activations: np.ndarray | None = None,
+    min_firing_examples: int = 1,
+    fire_threshold: float = 0.5,
+) -> np.ndarray:
+    """A seeded sample of `n` eligible neurons of a layer (sorted); the first n of one fixed order (`sample_order`),
     so a smaller sample is a subset of a larger one and N2G and feature clustering share neurons."""
-    elig = eligible_neurons(max_act, doc_ids)
-    perm = np.random.default_rng([seed, layer]).permutation(elig)
-    return np.sort(perm if n is None else perm[:n])
+    order = sample_order(max_act, doc_ids, layer, seed, activations, min_firing_examples, fire_threshold)
+    return np.sort(order if n is None else order[:n])
 
 
 def split_examples(n: int, train_fraction: float, seed: int, layer: int, neuron: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,8 +145,11 @@ class DocumentTokens:
 
         frames = [read_shard(p) for p in shard_files]
         self.texts: dict[int, str] = {}
+        self.shard_docs: list[list[int]] = []  # each shard's document ids in shard order (the order extraction windows them)
         for f in frames:
-            self.texts.update(zip(f["doc_id"].astype(int).tolist(), f["text"].tolist()))
+            ids = f["doc_id"].astype(int).tolist()
+            self.texts.update(zip(ids, f["text"].tolist()))
+            self.shard_docs.append(ids)
         self.tokenizer = tokenizer
         self.content = max_length - len(prefix_ids) - len(suffix_ids)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -148,6 +199,24 @@ def neuron_examples(topk: Mapping[str, np.ndarray], neuron: int, docs: DocumentT
             continue
         out.append(docs.example(int(d), int(s), int(p), float(a)))
     return out
+
+
+def deduplicate(examples: Sequence[Example], context: int | None) -> tuple[list[Example], int]:
+    """Drop near-identical examples: an example whose key token and `context` tokens before it (fewer where its window
+    starts later) repeat those of an earlier, higher-activating example is left out. Returns (kept, dropped count);
+    `context` None or 0 keeps every example."""
+    if not context:
+        return list(examples), 0
+    seen: set[tuple[int, ...]] = set()
+    kept = []
+    for ex in examples:
+        k = ex.key_index
+        key = tuple(int(t) for t in ex.ids[max(0, k - int(context)) : k + 1])
+        if key in seen:
+            continue
+        seen.add(key)
+        kept.append(ex)
+    return kept, len(examples) - len(kept)
 
 
 # ============================================================================ running the model
@@ -346,6 +415,16 @@ def saliency(probe: LayerProbe, neuron: int, prompts: Sequence[np.ndarray], mask
 _WORD = re.compile(r"[^\W\d_]+")
 
 
+@dataclass(frozen=True)
+class Substitution:
+    """One augmented prompt text: which word was replaced, by what, with the MLM's probability for it."""
+
+    text: str
+    word: str
+    substitute: str
+    probability: float
+
+
 class Augmenter:
     """Masked-LM substitutions at the word level (the MLM's tokenizer differs from the target model's).
 
@@ -382,8 +461,8 @@ class Augmenter:
                     best[w] = max(best.get(w, -math.inf), s)
         return sorted(best, key=lambda w: (-best[w], w))
 
-    def substitute(self, text: str, spans: Sequence[tuple[int, int]], scores: Sequence[float]) -> list[str]:
-        """New texts with one important word replaced by a likely MLM substitute."""
+    def substitutions(self, text: str, spans: Sequence[tuple[int, int]], scores: Sequence[float]) -> list[Substitution]:
+        """New texts with one important word replaced by a likely MLM substitute, with what was replaced and its probability."""
         words = self.words_for(text, spans, scores)
         if self.max_words is not None:
             words = words[: self.max_words]
@@ -395,7 +474,7 @@ class Augmenter:
         enc = self.tokenizer(masked, padding=True, truncation=True, max_length=512, return_tensors="pt").to(self.mlm.device)
         with torch.inference_mode():
             logits = self.mlm.model(**enc).logits
-        out: list[str] = []
+        out: list[Substitution] = []
         seen = {text}
         for r, (a, b) in enumerate(words):
             pos = (enc["input_ids"][r] == self.tokenizer.mask_token_id).nonzero()
@@ -419,10 +498,14 @@ class Augmenter:
                 if new in seen:
                     continue
                 seen.add(new)
-                out.append(new)
+                out.append(Substitution(new, orig, cand, float(p)))
                 added += 1
         self.seconds += time.perf_counter() - t0
         return out
+
+    def substitute(self, text: str, spans: Sequence[tuple[int, int]], scores: Sequence[float]) -> list[str]:
+        """New texts with one important word replaced by a likely MLM substitute."""
+        return [sub.text for sub in self.substitutions(text, spans, scores)]
 
 
 # ============================================================================ one neuron
@@ -442,6 +525,9 @@ class N2GSettings:
     normalise_tokens: bool = True
     mask_token: str = "auto"
     batch_tokens: int = 4096
+    min_firing_examples: int = 1
+    dedup_context: int | None = 16
+    precision_when_no_prediction: str = "one"
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> N2GSettings:
@@ -457,6 +543,32 @@ class TrainPrompt:
     norm_acts: np.ndarray
     importance: np.ndarray
     source: str  # "pruned" | "augmented"
+
+
+def _rounded(values: np.ndarray) -> list[float]:
+    """Floats for a JSON record, to 6 significant digits (the activations are float32 to begin with)."""
+    return [float(f"{float(v):.6g}") for v in np.asarray(values, np.float64)]
+
+
+def prompt_record(
+    tp: TrainPrompt, keys: TokenKeys, raw_acts: np.ndarray, scale: float, example: Example, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """What a graph JSON keeps of one prompt it was built from: its tokens, raw and normalised activations, the
+    importance of each token for the last (key) token, the scale, its source example and, for an augmented
+    prompt, the substitution."""
+    return {
+        "source": tp.source,
+        "doc_id": example.doc_id,
+        "start": example.start,
+        "position": example.position,
+        "ids": [int(i) for i in tp.ids],
+        "tokens": [keys.text(int(i)) for i in tp.ids],
+        "activations": _rounded(raw_acts),
+        "normalised": _rounded(tp.norm_acts),
+        "key_importance": _rounded(tp.importance[:, -1]) if len(tp.ids) else [],
+        "scale": float(f"{scale:.6g}"),
+        **(extra or {}),
+    }
 
 
 def build_graph(
@@ -476,6 +588,7 @@ def build_graph(
     `key_acts` are the recomputed activations on each example's key token (full window). Pruned prompts
     keep their original scale: their activations (and those of their augmentations) are multiplied by
     original / pruned key activation before normalising by `a_max`, as the reference implementation does.
+    The graph's `prompts` record every pruned and augmented prompt with its activations (`prompt_record`).
     """
     timing = {"prune_s": 0.0, "saliency_s": 0.0, "augment_s": 0.0}
     t0 = time.perf_counter()
@@ -488,10 +601,13 @@ def build_graph(
     sal = saliency(probe, neuron, cut, mask_id)
     timing["saliency_s"] += time.perf_counter() - t0
     train: list[TrainPrompt] = []
+    records: list[dict[str, Any]] = []
     aug_ids: list[np.ndarray] = []
-    aug_scale: list[float] = []
-    for ex, p, (L, _), (a, imp), sc in zip(examples, cut, pruned, sal, scales):
-        train.append(TrainPrompt(p, a * sc / a_max, imp, "pruned"))
+    aug_from: list[tuple[int, float, Substitution]] = []  # (index of the pruned prompt, its scale, the substitution)
+    for i, (ex, p, (L, _), (a, imp), sc, key_act) in enumerate(zip(examples, cut, pruned, sal, scales, key_acts)):
+        tp = TrainPrompt(p, a * sc / a_max, imp, "pruned")
+        train.append(tp)
+        records.append(prompt_record(tp, keys, a, sc, ex, {"original_key_activation": float(f"{float(key_act):.6g}")}))
         if augmenter is None:
             continue
         t1 = time.perf_counter()
@@ -503,16 +619,19 @@ def build_graph(
         important = [k for k in range(len(p)) if key_imp[k] > settings.importance_threshold]
         spans = [(int(offs[k, 0]) - base, int(offs[k, 1]) - base) for k in important]
         limit = probe.max_content or 10**9
-        for new in augmenter.substitute(text, spans, [float(key_imp[k]) for k in important]):
-            ids = np.asarray(probe.lm.tokenizer(new, add_special_tokens=False)["input_ids"], np.int64)[-limit:]
+        for sub in augmenter.substitutions(text, spans, [float(key_imp[k]) for k in important]):
+            ids = np.asarray(probe.lm.tokenizer(sub.text, add_special_tokens=False)["input_ids"], np.int64)[-limit:]
             if len(ids):
                 aug_ids.append(ids)
-                aug_scale.append(sc)
+                aug_from.append((i, sc, sub))
         timing["augment_s"] += time.perf_counter() - t1
     if aug_ids:
         t0 = time.perf_counter()
-        for ids, (a, imp), sc in zip(aug_ids, saliency(probe, neuron, aug_ids, mask_id), aug_scale):
-            train.append(TrainPrompt(ids, a * sc / a_max, imp, "augmented"))
+        for ids, (a, imp), (i, sc, sub) in zip(aug_ids, saliency(probe, neuron, aug_ids, mask_id), aug_from):
+            tp = TrainPrompt(ids, a * sc / a_max, imp, "augmented")
+            train.append(tp)
+            extra = {"parent": i, "word": sub.word, "substitute": sub.substitute, "probability": float(f"{sub.probability:.6g}")}
+            records.append(prompt_record(tp, keys, a, sc, examples[i], extra))
         timing["saliency_s"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     graph = NeuronGraph(meta)
@@ -527,6 +646,7 @@ def build_graph(
                 settings.importance_threshold,
             )
         )
+    graph.prompts = records
     timing["graph_s"] = time.perf_counter() - t0
     info = {
         "train_examples": len(examples),
@@ -542,12 +662,16 @@ def build_graph(
 
 
 def evaluate_graph(
-    graph: NeuronGraph, keys: Sequence[Sequence[str]], norm_acts: Sequence[np.ndarray], fire_threshold: float
+    graph: NeuronGraph,
+    keys: Sequence[Sequence[str]],
+    norm_acts: Sequence[np.ndarray],
+    fire_threshold: float,
+    precision_when_no_prediction: str = "nan",
 ) -> dict[str, Any]:
     """Predict every token of the evaluation texts and score firing (normalised activation > threshold)."""
     truth = np.concatenate([np.asarray(a, np.float64) for a in norm_acts]) if norm_acts else np.zeros(0)
     pred = np.concatenate([graph.predict(k) for k in keys]) if keys else np.zeros(0)
-    out = firing_metrics(truth > fire_threshold, pred > fire_threshold)
+    out = firing_metrics(truth > fire_threshold, pred > fire_threshold, precision_when_no_prediction)
     if truth.size > 1 and truth.std() > 0 and pred.std() > 0:
         out["pearson"] = float(np.corrcoef(truth, pred)[0, 1])
     else:
@@ -607,16 +731,34 @@ def run_layer(
     evaluate it on the other half (eval set `topk`, the paper's) and, optionally, on random windows of the
     held-out evaluation documents shared by all neurons (eval set `random`).
 
-    `topk` and `max_act` are the store's arrays for this layer ((W, k) and (W,)).
+    Neurons are taken in the seeded order of `sample_order` (eligible: `settings.min_firing_examples` stored
+    examples fire); near-identical examples are dropped before the split (`deduplicate`), and a neuron left
+    with fewer than two examples is passed over for the next one. `topk` and `max_act` are the store's arrays
+    for this layer ((W, k) and (W,)).
     """
     t_layer = time.perf_counter()
-    neurons = sample_neurons(max_act, topk["doc_id"], layer, neurons_per_layer, seed)
+    order = sample_order(max_act, topk["doc_id"], layer, seed, topk["activation"], settings.min_firing_examples, settings.fire_threshold)
+    fired = firing_examples(topk["activation"], topk["doc_id"], max_act, settings.fire_threshold)
+    examples: dict[int, list[Example]] = {}
+    duplicates: dict[int, int] = {}
+    passed_over = 0
+    for n in order:
+        if neurons_per_layer is not None and len(examples) >= neurons_per_layer:
+            break
+        n = int(n)
+        docs.tokenize(int(d) for d in topk["doc_id"][n] if d >= 0)
+        kept, dropped = deduplicate(neuron_examples(topk, n, docs), settings.dedup_context)
+        if len(kept) < 2:
+            passed_over += 1
+            continue
+        examples[n], duplicates[n] = kept, dropped
+    neurons = np.array(sorted(examples), np.int64)
+    examples = {n: examples[n] for n in neurons.tolist()}
     probe = LayerProbe(lm, layer, settings.batch_tokens, max_content=docs.content)
     keys = TokenKeys(lm.tokenizer, settings.normalise_tokens)
     mask_id = mask_id_of(lm, settings.mask_token)
     off = len(probe.prefix)
-    docs.tokenize(int(d) for n in neurons for d in topk["doc_id"][n] if d >= 0)
-    examples = {int(n): neuron_examples(topk, int(n), docs) for n in neurons}
+    n_layers = len(blocks(base_model(lm.model), lm.family))
     splits = {n: split_examples(len(exs), settings.train_fraction, seed, layer, n) for n, exs in examples.items()}
     # one forward over every example window: a test window whole (every token is scored), a window used
     # only for training up to its key token (causal: nothing after it matters)
@@ -683,15 +825,23 @@ def run_layer(
         }
         if rand:
             sets["random"] = (rand_keys, [a[off:, col[n]].astype(np.float64) / a_max for a in rand_acts])
-        evals = {name: evaluate_graph(graph, k, a, settings.fire_threshold) for name, (k, a) in sets.items()}
+        rule = settings.precision_when_no_prediction
+        evals = {name: evaluate_graph(graph, k, a, settings.fire_threshold, rule) for name, (k, a) in sets.items()}
         eval_s = time.perf_counter() - t1
+        stored = np.sort(np.asarray(topk["activation"][n], np.float64)[np.asarray(topk["doc_id"][n]) >= 0])[::-1]
         for name, ev in evals.items():
             rows.append(
                 {
                     "layer": layer,
+                    "n_layers": n_layers,
                     "neuron": n,
                     "eval_set": name,
                     "a_max": a_max,
+                    # the second stored example over a_max: near 1 when the maximum is not a lone outlier
+                    "second_ratio": float(stored[1] / a_max) if len(stored) > 1 and a_max > 0 else math.nan,
+                    "firing_examples": int(fired[n]),
+                    "eligible": len(order),
+                    "duplicates": duplicates[n],
                     "examples": len(exs),
                     "test_examples": len(test) if name == "topk" else len(rand),
                     **info,
@@ -711,6 +861,9 @@ def run_layer(
     info = {
         "layer": layer,
         "neurons": [int(n) for n in neurons],
+        "eligible": len(order),
+        "passed_over_too_few_distinct_examples": passed_over,
+        "duplicates": int(sum(duplicates[int(n)] for n in neurons)),
         "windows": len(wins),
         "random_windows": len(rand),
         "forward_tokens": probe.tokens_run,

@@ -69,6 +69,14 @@ def check_config(config: Mapping[str, Any]) -> None:
     fig = config["feature_clusters"]["figure_neuron"]
     if fig is not None and len(fig) != 2:
         raise ConfigError("feature_clusters.figure_neuron", "must be [layer, index] or null")
+    top_k = config["activations"]["top_k"]
+    for stage in ("n2g", "feature_clusters"):
+        if runs(config[stage]) and config[stage]["min_firing_examples"] > top_k:
+            raise ConfigError(
+                f"{stage}.min_firing_examples",
+                f"{config[stage]['min_firing_examples']} exceeds the {top_k} examples the store keeps per neuron (activations.top_k); "
+                "lower it or raise activations.top_k",
+            )
 
 
 def mlm_head_mode(config: Mapping[str, Any]) -> str | None:
@@ -96,13 +104,14 @@ def _paths(config: Mapping[str, Any], model: str, dataset: str) -> dict[str, str
 
 
 def rule_inputs(config: Mapping[str, Any], stage: str, model: str, dataset: str) -> dict[str, str]:
-    """Named inputs of an n2g_layer (`stage` n2g: + the MLM manifest and fitted head) or n2g_feature_clusters job."""
+    """Named inputs of an n2g_layer (`stage` n2g: + the MLM manifest, fitted head and its metrics) or n2g_feature_clusters job."""
     inputs = _paths(config, model, dataset)
     mlm = config["n2g"]["augment"]["mlm"]
     if stage == "n2g" and mlm is not None:
         inputs["mlm_manifest"] = paths.model(config["results_dir"], mlm)["manifest"]
         if mlm_head_mode(config) == "fitted":
             inputs["mlm_head"] = paths.model(config["results_dir"], mlm)["mlm_head"]
+            inputs["mlm_head_metrics"] = paths.model(config["results_dir"], mlm)["mlm_head_metrics"]
     return inputs
 
 
@@ -133,14 +142,31 @@ def n2g_params(config: Mapping[str, Any], model: str, dataset: str) -> dict[str,
     }
 
 
+def _interval_view(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The bootstrap settings of the tables' intervals (the replication report's, so tables and report agree)."""
+    section = config["replication"]
+    return {"confidence": section["confidence"], "resamples": section["resamples"], "seed": config["seed"]}
+
+
 def fc_params(config: Mapping[str, Any], model: str, dataset: str) -> dict[str, Any]:
-    """Everything a feature_clusters job depends on."""
-    return {
-        "feature_clusters": {k: v for k, v in config["feature_clusters"].items() if k != "runs"},
+    """Everything a feature_clusters job depends on (the model's per-shard token budget only when it rescans shards)."""
+    section = config["feature_clusters"]
+    out = {
+        "feature_clusters": {k: v for k, v in section.items() if k != "runs"},
         "layers": resolve_layers(config, "feature_clusters", model),
         "dataset": _dataset_view(config, dataset, False),
         **_model_view(config, model),
+        **_interval_view(config),
     }
+    if "rescan" in section["sources"]:
+        # the rescan must cut the held-in shards into the windows the extraction saw
+        out["max_tokens_per_shard"] = config["models"][model]["max_tokens_per_shard"]
+    return out
+
+
+def table_params(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What an n2g_table job depends on besides its inputs: the intervals' bootstrap settings."""
+    return _interval_view(config)
 
 
 def layer_outputs(results: str, model: str, dataset: str, layer: int | str) -> dict[str, str]:
@@ -175,6 +201,19 @@ def table_inputs(config: Mapping[str, Any], model: str, dataset: str) -> list[st
     """The per-layer CSVs an n2g_table job collects."""
     results = config["results_dir"]
     return [layer_outputs(results, model, dataset, layer)["neurons"] for layer in resolve_layers(config, "n2g", model)]
+
+
+def claim_inputs(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What the replication report reads of this method: per (model, dataset) the N2G and feature-clustering neuron rows."""
+    results = config["results_dir"]
+    out: dict[str, Any] = {}
+    n2g = {f"{m}/{d}": table_outputs(results, m, d)["neurons"] for m, d in runs(config["n2g"])}
+    clusters = {f"{m}/{d}": feature_cluster_outputs(results, m, d)["neurons"] for m, d in runs(config["feature_clusters"])}
+    if n2g:
+        out["n2g"] = n2g
+    if clusters:
+        out["feature_clusters"] = clusters
+    return out
 
 
 def targets(config: Mapping[str, Any]) -> list[str]:
@@ -212,20 +251,24 @@ def layer_resources(config: Mapping[str, Any], model: str, inputs: Mapping[str, 
 
 
 def feature_cluster_resources(
-    config: Mapping[str, Any], model: str, inputs: Mapping[str, str] | None = None, attempt: int = 1
+    config: Mapping[str, Any], model: str, inputs: Mapping[str, str] | None = None, attempt: int = 1, dataset: str | None = None
 ) -> dict[str, int]:
-    """One n2g_feature_clusters job: the model and the pre-MLP embeddings of every sampled neuron's examples."""
+    """One n2g_feature_clusters job: the model and the pre-MLP embeddings of every sampled neuron's examples (both sources)."""
     cfg = config["feature_clusters"]
     gpu = estimate.uses_gpu(config["device"])
     shape = estimate.model_shape(config, model, (inputs or {}).get("manifest"))
     layers = len(resolve_layers(config, "feature_clusters", model))
     neurons = layers * (cfg["neurons_per_layer"] or shape.d_ff)
-    tokens = neurons * config["activations"]["top_k"] * config["models"][model]["max_length"] / 2
+    max_length = config["models"][model]["max_length"]
+    tokens = neurons * config["activations"]["top_k"] * max_length / 2
+    # bytes per neuron held at once: its top-k pre-MLP embeddings (float64) and the rescan's capped sample (float32)
+    per_neuron = config["activations"]["top_k"] * 8
+    if "rescan" in cfg["sources"] and dataset is not None:
+        # one pass over every held-in window up to the deepest layer (the FLOP estimate counts whole models)
+        data = config["datasets"][dataset]
+        scanned = estimate.shard_tokens(data, config["models"][model]) * len(stats_shards(data))
+        tokens += scanned
+        per_neuron += 4 * (cfg["rescan"]["max_examples"] or scanned / max_length)
     act_mb = cfg["batch_tokens"] * max(shape.d_ff, shape.d_model) * 4 * 4 / 2**20
-    mem = (
-        1500
-        + 1.5 * estimate.weights_mb(shape, model_dtype(config, model), gpu)
-        + act_mb
-        + neurons * config["activations"]["top_k"] * shape.d_model * 16 / 2**20
-    )
+    mem = 1500 + 1.5 * estimate.weights_mb(shape, model_dtype(config, model), gpu) + act_mb + neurons * per_neuron * shape.d_model / 2**20
     return estimate.scaled(mem, 5 + 3 * estimate.minutes(10 * shape.n_params * tokens, gpu), attempt)

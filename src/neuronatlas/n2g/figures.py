@@ -131,22 +131,32 @@ def draw_graph(
 
 
 def table_figure(table: Sequence[Mapping[str, Any]], path: str | Path, title: str, note: str = "") -> None:
-    """Per-layer mean precision / recall / F1 for firing and non-firing tokens (the paper's Table 1 as a figure)."""
+    """Per-layer mean precision / recall / F1 for firing and non-firing tokens with their intervals (the paper's Table 1
+    as a figure); the x labels give each layer's neuron count of the `topk` set."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     layers = sorted({int(r["layer"]) for r in table})
     styles = {"topk": "-", "random": "--"}
     colors = {"precision": "tab:blue", "recall": "tab:orange", "f1": "tab:green"}
+    sets = list(dict.fromkeys(r["eval_set"] for r in table))
+    step = (min(np.diff(layers)) if len(layers) > 1 else 1.0) * 0.06  # small offsets keep the error bars apart
     for ax, cls, name in zip(axes, ("firing", "nonfiring"), ("firing tokens", "non-firing tokens")):
-        for eval_set in dict.fromkeys(r["eval_set"] for r in table):
+        for s_i, eval_set in enumerate(sets):
             rs = [r for r in table if r["eval_set"] == eval_set]
-            x = [r["layer"] for r in rs]
-            for m in ("precision", "recall", "f1"):
-                y = [r[f"{cls}_{m}"] for r in rs]
-                ax.plot(x, y, styles.get(eval_set, ":"), marker="o", ms=4, color=colors[m], label=f"{m} ({eval_set})")
+            for m_i, m in enumerate(("precision", "recall", "f1")):
+                shift = step * (m_i - 1 + 3 * s_i - 1.5 * (len(sets) - 1))
+                x = np.array([r["layer"] for r in rs], np.float64) + shift
+                y = np.array([r[f"{cls}_{m}"] for r in rs], np.float64)
+                low = np.array([r.get(f"{cls}_{m}_low", np.nan) for r in rs], np.float64)
+                high = np.array([r.get(f"{cls}_{m}_high", np.nan) for r in rs], np.float64)
+                err = np.vstack([np.where(np.isfinite(low), y - low, 0.0), np.where(np.isfinite(high), high - y, 0.0)])
+                style = {"fmt": styles.get(eval_set, ":"), "marker": "o", "ms": 4, "capsize": 2, "lw": 1.2, "color": colors[m]}
+                ax.errorbar(x, y, yerr=err, label=f"{m} ({eval_set})", **style)
         ax.set_title(name)
-        ax.set_xlabel("layer")
+        ax.set_xlabel("layer (n = neurons of the topk set)")
+        counts = {int(r["layer"]): int(r["neurons"]) for r in table if r["eval_set"] == "topk"}
         if len(layers) <= 12:
             ax.set_xticks(layers)
+            ax.set_xticklabels([f"{layer}\nn={counts.get(layer, 0)}" for layer in layers], fontsize=7)
         else:
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylim(-0.02, 1.02)
@@ -155,7 +165,7 @@ def table_figure(table: Sequence[Mapping[str, Any]], path: str | Path, title: st
     axes[1].legend(fontsize=7, loc="lower left")
     fig.suptitle(title, fontsize=10, y=1.03)
     if note:
-        fig.text(0.5, -0.04, note, ha="center", va="top", fontsize=7, color="0.3", wrap=True)
+        fig.text(0.5, -0.08, note, ha="center", va="top", fontsize=7, color="0.3", wrap=True)
     save(fig, [path])
 
 

@@ -15,6 +15,7 @@ KEY_TOLERANCE = 0.1  # max relative difference between a stored and a recomputed
 IGNORE = None  # key of an ignore child in the trie (never a real token key)
 METRIC_CLASSES = ("firing", "nonfiring")
 METRICS = ("precision", "recall", "f1")
+PRECISION_RULES = ("nan", "one")  # firing precision of a graph that never predicts a firing: undefined, or 1.0 (reference)
 
 
 # ============================================================================ tokens
@@ -141,6 +142,8 @@ class NeuronGraph:
         self.root = TrieNode(key="")
         self.meta: dict[str, Any] = dict(meta or {})
         self.n_lines = 0
+        # the prompts the trie was built from (pruned and augmented, with their activations): kept for audit only
+        self.prompts: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------- building
 
@@ -269,7 +272,7 @@ class NeuronGraph:
     # ----------------------------------------------------------------- (de)serialisation
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-able dict (trie + metadata); `from_json` restores an identical graph."""
+        """A JSON-able dict (trie, metadata, the prompts it was built from); `from_json` restores an identical graph."""
 
         def enc(n: TrieNode) -> dict[str, Any]:
             d: dict[str, Any] = {"k": n.key, "t": n.text}
@@ -283,7 +286,7 @@ class NeuronGraph:
                 d["c"] = [enc(c) for c in n.children.values()]
             return d
 
-        return {"meta": self.meta, "paths": self.n_lines, "trie": [enc(c) for c in self.root.children.values()]}
+        return {"meta": self.meta, "paths": self.n_lines, "trie": [enc(c) for c in self.root.children.values()], "prompts": self.prompts}
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> NeuronGraph:
@@ -306,6 +309,7 @@ class NeuronGraph:
 
         g = cls(obj.get("meta"))
         g.n_lines = int(obj.get("paths", 0))
+        g.prompts = [dict(p) for p in obj.get("prompts", [])]
         for c in obj["trie"]:
             node = dec(c)
             g.root.children[node.key] = node
@@ -315,13 +319,17 @@ class NeuronGraph:
 # ============================================================================ evaluation
 
 
-def firing_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+def firing_metrics(y_true: np.ndarray, y_pred: np.ndarray, precision_when_no_prediction: str = "nan") -> dict[str, float]:
     """Precision, recall, F1 for firing and non-firing tokens, with counts.
 
     Empty classes give NaN, never 0 or 1: precision is NaN when the class is never predicted, recall
     when it never occurs, F1 = 2TP / (2TP + FP + FN) is NaN only when the class neither occurs nor is
     predicted (scikit-learn's `zero_division=np.nan`). Counts (`*_true`, `*_pred`) say why.
+    `precision_when_no_prediction="one"` is the reference implementation's convention instead: a firing
+    class that occurs but is never predicted has firing precision 1.0 (the non-firing class keeps NaN).
     """
+    if precision_when_no_prediction not in PRECISION_RULES:
+        raise ValueError(f"precision_when_no_prediction must be one of {PRECISION_RULES}, not {precision_when_no_prediction!r}")
     t = np.asarray(y_true, bool)
     p = np.asarray(y_pred, bool)
     out: dict[str, float] = {"tokens": int(t.size)}
@@ -335,15 +343,21 @@ def firing_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
         out[f"{name}_precision"] = tp / (tp + fp) if tp + fp else math.nan
         out[f"{name}_recall"] = tp / (tp + fn) if tp + fn else math.nan
         out[f"{name}_f1"] = 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else math.nan
+    if precision_when_no_prediction == "one" and out["firing_pred"] == 0 and out["firing_true"] > 0:
+        out["firing_precision"] = 1.0
     return out
 
 
-def layer_table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per-layer means of the per-neuron metrics (NaNs excluded) and how many neurons each mean averages.
+def layer_table(rows: Sequence[Mapping[str, Any]], confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
+    """Per-layer means of the per-neuron metrics (NaNs excluded), their bootstrap intervals over neurons and n.
 
     One row per (eval_set, layer): `neurons`, `<class>_<metric>` (mean over neurons where defined),
-    `<class>_<metric>_n` (number of neurons where it is defined), total and firing token counts.
+    `<class>_<metric>_low` / `_high` (percentile bootstrap interval of that mean, resampling neurons, seeded),
+    `<class>_<metric>_n` (number of neurons where it is defined), total and firing token counts, and
+    `eligible` / `duplicates` where the rows carry them.
     """
+    from neuronatlas.replication.statistics import bootstrap
+
     groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
     for r in rows:
         groups.setdefault((str(r["eval_set"]), int(r["layer"])), []).append(r)
@@ -352,23 +366,32 @@ def layer_table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"eval_set": eval_set, "layer": layer, "neurons": len(rs)}
         for c in METRIC_CLASSES:
             for m in METRICS:
-                vals = np.array([float(r[f"{c}_{m}"]) for r in rs], dtype=np.float64)
-                ok = ~np.isnan(vals)
-                row[f"{c}_{m}"] = float(vals[ok].mean()) if ok.any() else math.nan
-                row[f"{c}_{m}_n"] = int(ok.sum())
+                found = bootstrap([float(r[f"{c}_{m}"]) for r in rs], confidence=confidence, resamples=resamples, seed=seed)
+                row[f"{c}_{m}"] = found.value
+                row[f"{c}_{m}_low"] = found.low
+                row[f"{c}_{m}_high"] = found.high
+                row[f"{c}_{m}_n"] = found.n
         row["tokens"] = int(sum(int(r["tokens"]) for r in rs))
         row["firing_tokens"] = int(sum(int(r["firing_true"]) for r in rs))
+        if all("eligible" in r for r in rs):
+            row["eligible"] = int(rs[0]["eligible"])
+        if all("duplicates" in r for r in rs):
+            row["duplicates"] = int(sum(int(r["duplicates"]) for r in rs))
         out.append(row)
     return out
 
 
+def _number(value: Any) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+
+
 def table_markdown(table: Sequence[Mapping[str, Any]], title: str) -> str:
-    """The paper's Table 1 as markdown (one block per evaluation set); `(n=…)` where a mean covers fewer neurons."""
+    """The paper's Table 1 as markdown (one block per evaluation set): each cell the mean over neurons, its 95% interval and n."""
 
     def cell(r: Mapping[str, Any], key: str) -> str:
-        v = r[key]
-        s = "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
-        return s if r[f"{key}_n"] == r["neurons"] else f"{s} (n={r[f'{key}_n']})"
+        low, high = r.get(f"{key}_low", math.nan), r.get(f"{key}_high", math.nan)
+        interval = f" [{_number(low)}, {_number(high)}]" if not (math.isnan(low) or math.isnan(high)) else ""
+        return f"{_number(r[key])}{interval} (n={r[f'{key}_n']})"
 
     lines = [f"# {title}", ""]
     for eval_set in dict.fromkeys(r["eval_set"] for r in table):
@@ -385,9 +408,9 @@ def table_markdown(table: Sequence[Mapping[str, Any]], title: str) -> str:
             lines.append(f"| {r['layer']} | {r['neurons']} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += [
-        "Means over the sampled neurons of each layer; a metric undefined for a neuron (NaN: class never",
-        "predicted for precision, never occurring for recall) is left out of the mean and `n` says how many",
-        "neurons the mean covers.",
+        "Means over the sampled neurons of each layer with their 95% bootstrap interval over neurons (seeded) and n, the",
+        "neurons the mean covers: a metric undefined for a neuron (NaN: class never predicted for precision, never",
+        "occurring for recall) is left out of the mean.",
         "",
     ]
     return "\n".join(lines)

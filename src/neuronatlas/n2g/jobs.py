@@ -15,7 +15,7 @@ import pandas as pd
 from neuronatlas.core import tables
 from neuronatlas.core.corpus import shard_files
 from neuronatlas.core.errors import NeuronAtlasError
-from neuronatlas.core.io import atomic_dir, config_hash, write_json
+from neuronatlas.core.io import atomic_dir, config_hash, read_json, write_json
 from neuronatlas.n2g.dag import SITE
 
 
@@ -54,6 +54,7 @@ def n2g_layer(
     params: Mapping[str, Any],
     mlm_manifest: str | None = None,
     mlm_head: str | None = None,
+    mlm_head_metrics: str | None = None,
 ) -> None:
     """Rule n2g_layer: graphs and per-neuron evaluation for a seeded sample of one layer's neurons."""
     from neuronatlas.core.corpus import read_shard
@@ -67,11 +68,16 @@ def n2g_layer(
     with st:
         topk = st.topk(layer)
         max_act = st.neuron("max")[layer]
+        budget = store_budget(st.attrs)
     augmenter = None
     aug = cfg["augment"]
     if params["mlm"]:
         mlm = load(mlm_manifest, params["device"], params["dtype"], params["threads"], head=True, head_path=mlm_head)
         head = f"fitted head {mlm_head}" if mlm_head else "checkpoint head"
+        if mlm_head_metrics:
+            # how good a fitted head is decides whether its substitutes are plausible words at all
+            fit = read_json(mlm_head_metrics)
+            head += f", held-out top-1 {fit['heldout_top1']:.1%} vs unigram frequency {fit['heldout_unigram_top1']:.1%}"
         name = f"{params['mlm']['name']} ({mlm.manifest['origin']}; {head})"
         augmenter = Augmenter(mlm, name, aug["substitutions"], aug["min_probability"], aug["max_words"])
     ds = params["dataset"]
@@ -125,23 +131,38 @@ def n2g_layer(
                 settings.activation_threshold,
                 settings.importance_threshold,
             )
-        write_json(Path(tmp) / "layer.json", {**res.info, **meta, "augmentation": augmenter.name if augmenter else "none"})
+        write_json(Path(tmp) / "layer.json", {**res.info, **meta, **budget, "augmentation": augmenter.name if augmenter else "none"})
     frame = pd.DataFrame(res.rows, columns=None if res.rows else ["layer", "neuron", "eval_set"])
     frame.insert(0, "dataset", dataset)
     frame.insert(0, "model", model)
+    for key, value in budget.items():
+        frame[key] = value
     if frame.empty:
-        print(f"layer {layer}: no eligible neuron (positive maximum and >= 2 stored examples); empty table")
+        print(
+            f"layer {layer}: no eligible neuron (positive maximum, >= 2 distinct stored examples, >= "
+            f"{settings.min_firing_examples} of them firing); empty table"
+        )
     tables.write_csv(out_neurons, frame)
 
 
-def n2g_table(model: str, dataset: str, inputs: Sequence[str], out_neurons: str, out_csv: str, out_md: str, out_png: str) -> None:
-    """Rule n2g_table: all layers' per-neuron rows, the per-layer Table 1 (CSV + markdown) and its figure."""
+def store_budget(attrs: Mapping[str, Any]) -> dict[str, int]:
+    """The data a_max and the top-k come from: tokens, windows and documents of the activation store."""
+    return {f"store_{k}": int(attrs.get(f"n_{k}", -1)) for k in ("tokens", "examples", "documents")}
+
+
+def n2g_table(
+    model: str, dataset: str, inputs: Sequence[str], out_neurons: str, out_csv: str, out_md: str, out_png: str, params: Mapping[str, Any]
+) -> None:
+    """Rule n2g_table: all layers' per-neuron rows, the per-layer Table 1 with intervals (CSV + markdown) and its figure.
+
+    `params` (dag.table_params): the intervals' `confidence`, `resamples` and `seed`.
+    """
     from neuronatlas.n2g.figures import table_figure
     from neuronatlas.n2g.graph import layer_table, table_markdown
 
     frame = pd.concat([pd.read_csv(p) for p in inputs], ignore_index=True)
     tables.write_csv(out_neurons, frame)
-    table = layer_table(frame.to_dict("records"))
+    table = layer_table(frame.to_dict("records"), params["confidence"], params["resamples"], params["seed"])
     if not table:
         raise NeuronAtlasError(f"{model}/{dataset}: no layer had an eligible neuron; nothing to tabulate (see the n2g_layer logs)")
     tab = pd.DataFrame(table)
@@ -155,8 +176,21 @@ def n2g_table(model: str, dataset: str, inputs: Sequence[str], out_neurons: str,
         f"\nAugmentation: {aug}. Firing = normalised activation a / a_max > threshold; eval set `topk` = the held-out "
         "half of each neuron's top-k examples (the paper's); `random` = random windows of the held-out evaluation shards.\n"
     )
+    if "store_tokens" in frame and len(frame):
+        first = frame.iloc[0]
+        note += (
+            f"\na_max and the top-k examples come from {int(first['store_tokens'])} tokens ({int(first['store_examples'])} "
+            f"windows, {int(first['store_documents'])} documents) of the activation store. Per layer: "
+            + "; ".join(
+                f"layer {int(layer)}: {int(part['eligible'].iloc[0])} eligible neurons, {int(part['duplicates'].sum())} "
+                f"near-duplicate examples dropped"
+                for layer, part in frame[frame.eval_set == "topk"].groupby("layer")
+                if "eligible" in part
+            )
+            + ".\n"
+        )
     tables.write_text(out_md, table_markdown(table, title) + note)
-    table_figure(table, out_png, title, f"augmentation: {aug}")
+    table_figure(table, out_png, title, f"augmentation: {aug}; bars: 95% bootstrap intervals over neurons")
 
 
 # ----------------------------------------------------------------------------- feature clusters
@@ -186,44 +220,67 @@ def n2g_feature_clusters(
     with st:
         topk = {layer: st.topk(layer) for layer in layers}
         maxes = {layer: st.neuron("max")[layer] for layer in layers}
+        budget = store_budget(st.attrs)
     docs = _docs(lm, shards_dir, params["dataset"], params["max_length"], with_eval=False)
-    rows, ex_rows, result, info = feature_clusters.run(lm, topk, maxes, docs, settings, cfg["neurons_per_layer"], params["seed"])
+    rows, ex_rows, result, info = feature_clusters.run(
+        lm,
+        topk,
+        maxes,
+        docs,
+        settings,
+        cfg["neurons_per_layer"],
+        params["seed"],
+        max_length=params["max_length"],
+        max_tokens=params.get("max_tokens_per_shard"),  # in the params only when the rescan source runs
+        keep_embeddings=False,
+    )
     print(
-        f"feature clusters: {len(rows)} neurons, {info['forward_tokens']} tokens through the model, "
+        f"feature clusters: {len(rows)} neuron rows, {info['forward_tokens']} tokens through the model, "
         f"{info['seconds']:.1f}s; weight {info['weight']}; max key-activation error {info['max_rel_error_key_activation']:.2e}"
+        + (f"; rescan {info['rescan']}" if "rescan" in info else "")
     )
     frame = pd.DataFrame(rows)
-    for f in (frame,):
-        f.insert(0, "dataset", dataset)
-        f.insert(0, "model", model)
+    frame.insert(0, "dataset", dataset)
+    frame.insert(0, "model", model)
     frame["weight"] = info["weight"]
     tables.write_csv(out_neurons, frame)
     tables.write_csv(out_examples, pd.DataFrame(ex_rows))
-    table = feature_clusters.summary_table(rows)
+    table = feature_clusters.summary_table(rows, params["confidence"], params["resamples"], params["seed"])
     tab = pd.DataFrame(table)
     tab.insert(0, "dataset", dataset)
     tab.insert(0, "model", model)
     tab["weight"] = info["weight"]
-    criterion = "cosine distance" if settings.criterion == "distance" else "cluster count"
-    cut = f"{settings.linkage} linkage, cut at {criterion} {settings.threshold:g}"
+    cut = settings.describe()
     tab["clustering"] = cut
     tables.write_csv(out_csv, tab)
+    sources = f"top-{topk[layers[0]]['doc_id'].shape[-1]} examples of the store" if "topk" in settings.sources else ""
+    if "rescan" in settings.sources:
+        cap = "" if settings.rescan_max_examples is None else f", at most {settings.rescan_max_examples} per neuron (seeded sample)"
+        sources = "; ".join(
+            x for x in (sources, f"rescan: every held-in window whose maximum reaches {settings.rescan_fraction:g} a_max{cap}") if x
+        )
     note = (
         f"Model {model} ({lm.manifest['origin']}), dataset {dataset}; {cut}; neuron embedding = pre-MLP embedding ⊙ "
-        f"{'the ' + info['weight'] + ' projection row (gated MLP)' if info['gated'] else 'the W_in row'}."
+        f"{'the ' + info['weight'] + ' projection row (gated MLP)' if info['gated'] else 'the W_in row'}. Examples: {sources}; "
+        f"a_max from {budget['store_tokens']} tokens ({budget['store_examples']} windows, {budget['store_documents']} documents)."
     )
     tables.write_text(out_md, feature_clusters.summary_markdown(table, f"Feature clustering: {model} on {dataset} (site mlp)", note))
-    pick = feature_clusters.pick_figure_neuron(rows, cfg["figure_neuron"])
+    figure_source = "topk" if "topk" in settings.sources else "rescan"
+    pick = feature_clusters.pick_figure_neuron([r for r in rows if r["source"] == figure_source], cfg["figure_neuron"])
     if pick is None:
         raise NeuronAtlasError("no sampled neuron has examples to draw")
-    nc = result[pick]
+    nc = result[(figure_source, *pick)]
     a_max = float(maxes[pick[0]][pick[1]])
     contexts = feature_clusters.figure_contexts(lm, nc, a_max, batch_tokens=settings.batch_tokens)
+    if settings.algorithm == "hierarchical" and settings.cut == "clusters":
+        height = feature_clusters.cut_height(nc.Z["neuron"], int(len(set(nc.labels["neuron"].tolist()))))
+    else:
+        height = settings.distance
     dendrogram_figure(
         nc.Z["neuron"],
         nc.labels["neuron"].tolist(),
         contexts,
         out_png,
-        f"{model}/{dataset} layer {pick[0]} neuron {pick[1]}: neuron-embedding clusters of its top examples ({cut})",
-        settings.threshold if settings.criterion == "distance" else None,
+        f"{model}/{dataset} layer {pick[0]} neuron {pick[1]}: neuron-embedding clusters of its {figure_source} examples ({cut})",
+        height,
     )
