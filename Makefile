@@ -29,12 +29,16 @@ $(STAMP): requirements.txt requirements-assets.txt pyproject.toml
 
 setup: $(STAMP)
 
+# One shell, so the closing line can say how long the demo took and how much it wrote.
 demo: setup
-	$(BIN)/snakemake --profile profiles/default --cores $(CORES) --resources mem_mb=$(MEM_MB)
-	$(BIN)/snakemake --profile profiles/default --cores $(CORES) --report results/report.html
-	$(BIN)/python -m neuronatlas.cli summary
-	@echo "report: $(CURDIR)/results/report.html"
-	@echo "neuron atlas: $(CURDIR)/results/atlas/index.html (open it in a browser from disk)"
+	@start=$$(date +%s); \
+	$(BIN)/snakemake --profile profiles/default --cores $(CORES) --resources mem_mb=$(MEM_MB) && \
+	$(BIN)/snakemake --profile profiles/default --cores $(CORES) --report results/report.html && \
+	$(BIN)/python -m neuronatlas.cli summary && \
+	echo "report: $(CURDIR)/results/report.html" && \
+	echo "neuron atlas: $(CURDIR)/results/atlas/index.html (open it in a browser from disk)" && \
+	seconds=$$(( $$(date +%s) - start )) && \
+	echo "make demo: $$(( seconds / 60 )) min $$(( seconds % 60 )) s wall on $(CORES) cores; results/ holds $$(du -sh results | cut -f1)"
 
 test: setup
 	$(BIN)/python -m pytest -q
