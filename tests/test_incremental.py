@@ -132,12 +132,13 @@ CASES = [
             or j.rule in ("prepare_model", "shard_corpus")
         ),
     ),
-    # a per-neuron explanation setting (N2G): its layer jobs and table only (and the atlas pages showing them)
+    # a per-neuron explanation setting (N2G): its layer jobs and table only (and what reads their results: the atlas
+    # pages and the replication report)
     Case(
         "n2g-setting",
         _set("n2g.random_eval_windows", 3),
         seeds=lambda j: j.rule == "n2g_layer",
-        forbid=lambda j: not j.rule.startswith(("n2g_", "atlas_")) and j.rule != "all",
+        forbid=lambda j: not j.rule.startswith(("n2g_", "atlas_")) and j.rule not in ("all", "replication_claims"),
     ),
     # a textualization setting: the optimisation jobs of that model, not the activation scan (and what reads their
     # results: the atlas pages and the replication report)

@@ -46,14 +46,14 @@ rule intervention_table:
             caption="../report/intervention-table3.rst",
         ),
         md=intervention_dag.table_outputs(R)["md"],
-        table4_csv=intervention_dag.table_outputs(R)["table4_csv"],
-        table4_md=report(
-            intervention_dag.table_outputs(R)["table4_md"],
+        table4_csv=report(
+            intervention_dag.table_outputs(R)["table4_csv"],
             category="Causal intervention",
             subcategory="tables",
             labels={"table": "Table 4"},
             caption="../report/intervention-table4.rst",
         ),
+        table4_md=intervention_dag.table_outputs(R)["table4_md"],
         figures=[
             report(
                 intervention_dag.figure_path(R, m, d, s),
