@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import copy
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,8 +15,24 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite's own Hugging Face cache: the hub stand-ins of tests/hub_fixtures.py go there, and no test reads or fills
+# the user's cache. Set before any HF library is imported: they read their environment once, at import.
+for _variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE"):
+    os.environ.pop(_variable, None)
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="neuronatlas-test-hf-")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 
 import helpers  # noqa: E402
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `grid` run only when asked for (`pytest -m grid`): the miniature grid takes minutes."""
+    if "grid" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="opt-in: pytest -m grid runs the papers' grid in miniature end to end")
+    for item in items:
+        if item.get_closest_marker("grid"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +90,11 @@ def tiny_dag(tmp_path_factory, tokenizers):
     (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     helpers.snakemake(work)
     return work, core_config.validate(cfg)
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory):
+    """The grid's hub models in the suite's HF cache and local stand-ins of its hub datasets (tests/hub_fixtures.py)."""
+    import hub_fixtures
+
+    return hub_fixtures.build(Path(os.environ["HF_HOME"]), tmp_path_factory.mktemp("hub"))

@@ -12,9 +12,11 @@ import glob as globlib
 import html
 import io
 import json
+import os
 import re
 import sys
 import zipfile
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from neuronatlas.core import assets
-from neuronatlas.core.errors import ConfigError, EmptyCorpusError, NeuronAtlasError
+from neuronatlas.core.errors import ConfigError, DatasetUnavailableError, EmptyCorpusError, NeuronAtlasError
 from neuronatlas.core.io import atomic_path, write_json
 
 SHARD_COLUMNS = ("doc_id", "key", "text", "label", "n_words")
@@ -158,6 +160,7 @@ def _files(spec: Mapping[str, Any], name: str) -> Iterator[Document]:
     if not paths:
         raise ConfigError(f"datasets.{name}.glob", f"{spec['glob']!r} matched no files (relative paths resolve from the working directory)")
     i = 0
+    tally = FilterTally(spec.get("filter"))
     for p in paths:
         if p.endswith(".jsonl"):
             with open(p, encoding="utf-8") as fh:
@@ -174,20 +177,130 @@ def _files(spec: Mapping[str, Any], name: str) -> Iterator[Document]:
                             f"datasets.{name}.text_field", f"{spec['text_field']!r} not found in {p}:{lineno}; keys there: {', '.join(rec)}"
                         )
                     label = _get_field(rec, spec["label_field"]) if spec.get("label_field") else None
-                    if _keep(rec, spec):
+                    if tally.keep(rec):
                         yield Document(i, f"{p}:{lineno}", str(text), None if label is None else str(label))
                     i += 1
         else:
             yield Document(i, p, Path(p).read_text(encoding="utf-8", errors="replace"), None)
             i += 1
+    tally.check(name, spec["glob"])
 
 
-def _keep(record: Mapping[str, Any], spec: Mapping[str, Any]) -> bool:
+class FilterTally:
+    """A dataset's `filter` applied record by record, remembering what it saw: when it keeps nothing, the error
+    says how many records were read and which values the field had (a misspelt value or field shows at once)."""
+
+    MAX_VALUES = 1000  # distinct values remembered (a free-text field must not grow without bound)
+
+    def __init__(self, flt: Mapping[str, Any] | None):
+        self.flt = flt
+        self.read = self.kept = self.absent = 0
+        self.values: Counter[str] = Counter()
+
+    def keep(self, record: Mapping[str, Any]) -> bool:
+        """Whether the record passes the filter (always, without one)."""
+        if not self.flt:
+            return True
+        self.read += 1
+        value = _get_field(record, self.flt["field"])
+        if value is None:
+            self.absent += 1
+        elif len(self.values) < self.MAX_VALUES or repr(value) in self.values:
+            self.values[repr(value)] += 1
+        kept = value == self.flt["equals"] if "equals" in self.flt else value in self.flt["in"]
+        self.kept += int(kept)
+        return kept
+
+    def check(self, name: str, source: str) -> None:
+        """Raise when the filter read records and kept none of them."""
+        if not self.flt or self.kept or not self.read:
+            return
+        flt = self.flt
+        wanted = f"== {flt['equals']!r}" if "equals" in flt else f"in {flt['in']!r}"
+        if self.absent == self.read:
+            seen = f"the field is absent from every one of them; fix datasets.{name}.filter.field (a dotted path, e.g. meta.pile_set_name)"
+        else:
+            common = ", ".join(f"{v} ({n})" for v, n in self.values.most_common(12))
+            seen = (
+                f"values seen: {common}{', ...' if len(self.values) > 12 else ''}; "
+                f"fix datasets.{name}.filter (values are compared exactly, case included)"
+            )
+        raise EmptyCorpusError(
+            f"dataset {name!r} yielded no documents: datasets.{name}.filter ({flt['field']} {wanted}) matched none of "
+            f"the {self.read} records of {source}; {seen}"
+        )
+
+
+def error_detail(exc: BaseException) -> str:
+    """The first line of an exception's message, with the hub's own explanation where it sent one."""
+    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    server = getattr(exc, "server_message", None)
+    return f"{detail} {server.strip()}" if server and server.strip() not in detail else detail
+
+
+# `datasets` raises plain ValueErrors for a configuration or split that a repository lacks; their wording (datasets 5.2)
+_NO_CONFIG = ("BuilderConfig", "Config name is missing")
+_NO_SPLIT = ("Unknown split", "Bad split")
+
+
+def hf_load_error(exc: Exception, keys: Mapping[str, str], path: str, config: str | None, split: str) -> NeuronAtlasError:
+    """The error to raise for a failed `datasets.load_dataset`: the config key at fault and what to do.
+
+    `keys` maps `path`, `config` and `split` to the config keys that set them (e.g. `datasets.c4.name`).
+    """
+    from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    detail = error_detail(exc)
+    configuration = f"configuration {config!r}" if config else "its default configuration"
+    if any(detail.startswith(p) for p in _NO_CONFIG):
+        return ConfigError(keys["config"], f"dataset {path!r} has no {configuration} ({detail}); use one of its configurations")
+    if any(detail.startswith(p) for p in _NO_SPLIT):
+        return ConfigError(keys["split"], f"dataset {path!r} ({configuration}) has no split {split!r} ({detail}); use one of its splits")
+    if isinstance(exc, GatedRepoError) or (isinstance(exc, DatasetNotFoundError) and "gated" in detail):
+        return ConfigError(
+            keys["path"],
+            f"{path!r} is a gated dataset and no token with access was sent ({detail}). Accept its conditions on "
+            f"https://huggingface.co/datasets/{path} with your account, then log in where the job runs (`hf auth login`, "
+            "or HF_TOKEN in its environment)",
+        )
+    if isinstance(exc, (DatasetNotFoundError, RepositoryNotFoundError)):
+        return ConfigError(
+            keys["path"],
+            f"{path!r} is not a dataset on the Hugging Face hub, or it is private ({detail}); check the id on "
+            f"https://huggingface.co/datasets/{path} (a private one needs `hf auth login` or HF_TOKEN)",
+        )
+    if isinstance(exc, ConnectionError):
+        from datasets import config as hf_config
+
+        reason = "HF_HUB_OFFLINE is set" if hf_config.HF_HUB_OFFLINE else detail
+        return DatasetUnavailableError(
+            f"{keys['path']}: the Hugging Face hub cannot be reached for {path!r} ({reason}) and the dataset is not in the "
+            f"datasets cache ({hf_config.HF_DATASETS_CACHE}). Run this job where the hub is reachable with the same HF_HOME "
+            f"(e.g. `snakemake --until shard_corpus` on a login node), or point {keys['path']} at a local copy of the repository"
+        )
+    if isinstance(exc, (FileNotFoundError, DataFilesNotFoundError)) and os.path.isabs(path):
+        return ConfigError(keys["path"], f"{detail}; point it at a dataset repository folder (data files + README.md) or a hub id")
+    return DatasetUnavailableError(
+        f"{keys['path']}: cannot load dataset {path!r} (configuration {config!r}, split {split!r}): {type(exc).__name__}: {detail}"
+    )
+
+
+def _check_columns(spec: Mapping[str, Any], name: str, columns: set[str]) -> None:
+    """Every column the spec names (text or image, label, target, the filter's top-level field) exists."""
+    fields = ["image_field" if spec.get("image_field") else "text_field", "label_field", "target_field"]
+    for key in fields:
+        column = spec.get(key)
+        if column and column.split(".")[0] not in columns:
+            raise ConfigError(
+                f"datasets.{name}.{key}", f"{column!r} is not a column of {spec['path']!r}; columns: {', '.join(sorted(columns))}"
+            )
     flt = spec.get("filter")
-    if not flt:
-        return True
-    value = _get_field(record, flt["field"])
-    return value == flt["equals"] if "equals" in flt else value in flt["in"]
+    if flt and flt["field"].split(".")[0] not in columns:
+        raise ConfigError(
+            f"datasets.{name}.filter.field",
+            f"{flt['field']!r} does not start at a column of {spec['path']!r}; columns: {', '.join(sorted(columns))}",
+        )
 
 
 def _hf(spec: Mapping[str, Any], name: str, seed: int) -> Iterator[Document]:
@@ -195,22 +308,16 @@ def _hf(spec: Mapping[str, Any], name: str, seed: int) -> Iterator[Document]:
         import datasets as hfds
     except ImportError as exc:  # pragma: no cover
         raise NeuronAtlasError("the `datasets` package is needed for source hf; run `make setup`") from exc
+    split = spec.get("split") or "train"
     try:
-        ds = hfds.load_dataset(
-            spec["path"], spec.get("name"), split=spec.get("split") or "train", streaming=spec["streaming"], revision=spec.get("revision")
-        )
-    except Exception as exc:  # the hub raises many types; all mean "cannot get it"
-        raise NeuronAtlasError(
-            f"datasets.{name}: cannot load Hugging Face dataset {spec['path']!r} "
-            f"(config {spec.get('name')!r}, split {spec.get('split') or 'train'!r}): {type(exc).__name__}: {exc}. "
-            "Without network access the dataset must already be in the HF cache (HF_HOME / HF_DATASETS_CACHE); "
-            "otherwise use a packaged or files source."
-        ) from exc
-    cols = set(ds.column_names or []) if getattr(ds, "column_names", None) else None
+        ds = hfds.load_dataset(spec["path"], spec.get("name"), split=split, streaming=spec["streaming"], revision=spec.get("revision"))
+    except Exception as exc:  # the hub raises many types: hf_load_error sorts them into what to fix
+        keys = {"path": f"datasets.{name}.path", "config": f"datasets.{name}.name", "split": f"datasets.{name}.split"}
+        raise hf_load_error(exc, keys, spec["path"], spec.get("name"), split) from exc
+    cols = set(ds.column_names) if getattr(ds, "column_names", None) else None
+    if cols is not None:
+        _check_columns(spec, name, cols)
     image_field = spec.get("image_field")
-    field_key = "image_field" if image_field else "text_field"
-    if cols is not None and spec[field_key] not in cols:
-        raise ConfigError(f"datasets.{name}.{field_key}", f"{spec[field_key]!r} is not a column; columns: {', '.join(sorted(cols))}")
     label_names = target_names = None
     if image_field:
         # keep the stored encoded bytes (no decode / re-encode); class indices -> names where known
@@ -218,25 +325,50 @@ def _hf(spec: Mapping[str, Any], name: str, seed: int) -> Iterator[Document]:
         feats = getattr(ds, "features", None) or {}
         label_names = getattr(feats.get(spec.get("label_field") or ""), "names", None)
         target_names = getattr(feats.get(spec.get("target_field") or ""), "names", None)
+    tally = FilterTally(spec.get("filter"))
+
+    def kept(rows: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        nonlocal cols
+        for rec in rows:
+            if cols is None:  # a stream of unknown features: its first record shows the columns
+                cols = set(rec) - {"__idx"}
+                _check_columns(spec, name, cols)
+            if tally.keep(rec):
+                yield rec
+        tally.check(name, f"{spec['path']} (split {split})")
+
     if spec["streaming"]:
-        ds = ds.map(lambda rec, idx: {"__idx": idx}, with_indices=True)
+        # positions are counted here, in the stream's own order: `datasets` restarts `with_indices` in every data file
+        # once a stream is shuffled (its shuffle reorders the files), which would give documents the same id
+        rows = kept({**rec, "__idx": i} for i, rec in enumerate(ds))
         if spec["shuffle"]:
-            ds = ds.shuffle(seed=seed, buffer_size=spec["shuffle_buffer"])
-        rows: Any = ds
+            rows = buffer_shuffle(rows, spec["shuffle_buffer"], seed)
     else:
         order = np.arange(len(ds))
         if spec["shuffle"]:
             order = np.random.default_rng(seed).permutation(len(ds))
-        rows = ({**ds[int(j)], "__idx": int(j)} for j in order)
+        rows = kept({**ds[int(j)], "__idx": int(j)} for j in order)
     for rec in rows:
-        if not _keep(rec, spec):
-            continue
         label = _get_field(rec, spec["label_field"]) if spec.get("label_field") else None
         idx = int(rec["__idx"])
         if image_field:
             yield _hf_image_document(rec, spec, idx, label, label_names, target_names)
             continue
         yield Document(idx, f"{spec['path']}:{idx}", str(rec[spec["text_field"]] or ""), None if label is None else str(label))
+
+
+def buffer_shuffle(rows: Iterator[Any], buffer_size: int, seed: int) -> Iterator[Any]:
+    """A seeded shuffle of a stream through a buffer: each new row takes the place of a random row, which is yielded."""
+    rng = np.random.default_rng(seed)
+    buffer: list[Any] = []
+    for row in rows:
+        if len(buffer) < buffer_size:
+            buffer.append(row)
+            continue
+        i = int(rng.integers(buffer_size))
+        yield buffer[i]
+        buffer[i] = row
+    yield from (buffer[i] for i in rng.permutation(len(buffer)))
 
 
 def _hf_image_document(
@@ -322,6 +454,12 @@ def build_shards(spec: Mapping[str, Any], name: str, seed: int, out_paths: list[
     if taken < n:
         raise EmptyCorpusError(
             f"dataset {name!r} has only {taken} document(s) for {n} shards; lower datasets.{name}.shards or raise the caps"
+        )
+    ids = [d.doc_id for b in buckets for d in b]
+    if len(set(ids)) != len(ids):
+        # every store, example and atlas page finds a document by its id: a repeated id would mix two documents up
+        raise NeuronAtlasError(
+            f"dataset {name!r}: its source gave two documents the same id; nothing was written (a bug: please report it)"
         )
     shard_info = []
     images = any(d.image is not None for b in buckets for d in b)

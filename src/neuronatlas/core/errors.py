@@ -34,5 +34,9 @@ class ModelUnavailableError(NeuronAtlasError):
     """A model cannot be loaded: not cached locally and the hub is unreachable, or a bad path."""
 
 
+class DatasetUnavailableError(NeuronAtlasError):
+    """A dataset cannot be loaded: the hub is unreachable and it is not cached, or its repository is missing."""
+
+
 class EmptyCorpusError(NeuronAtlasError):
     """A corpus or shard has no usable documents."""

@@ -19,7 +19,7 @@ from torch import nn
 from neuronatlas import __version__
 from neuronatlas.core import assets
 from neuronatlas.core.adapters import FAMILIES, Family, base_model, family_for, site_shape
-from neuronatlas.core.errors import ModelUnavailableError, NeuronAtlasError
+from neuronatlas.core.errors import ConfigError, ModelUnavailableError, NeuronAtlasError
 from neuronatlas.core.io import atomic_dir, config_hash, read_json, write_json
 
 MANIFEST_VERSION = 1
@@ -72,21 +72,77 @@ def _load_tokenizer(path: str | Path):
 # ----------------------------------------------------------------------------- prepare
 
 
+# Files of a hub repository that loading needs: weights as safetensors, configs, tokenizer files.
+HUB_ALLOW = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "*.tiktoken"]
+# Mistral's repositories also hold the same weights in mistral-inference's format (consolidated.safetensors,
+# 14 GB for a 7B model) next to the HF shards: never downloaded.
+HUB_IGNORE = ["consolidated*.safetensors", "original/*"]
+
+
 def _hub_snapshot(model_id: str, revision: str | None, name: str) -> tuple[Path, str]:
-    from huggingface_hub import snapshot_download
+    """Download (or find in the HF cache) a hub model's files; an error naming the key and the fix otherwise."""
+    from huggingface_hub import constants, snapshot_download
 
     try:
-        path = snapshot_download(
-            model_id, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "*.tiktoken"]
-        )
-    except Exception as exc:  # LocalEntryNotFoundError, HTTP errors, ...
-        raise ModelUnavailableError(
-            f"models.{name}: hub model {model_id!r} (revision {revision or 'main'}) is not in the local Hugging Face "
-            f"cache and the hub cannot be reached ({type(exc).__name__}: {str(exc).splitlines()[0]}). Run "
-            f"prepare_model once where the hub is reachable, point HF_HOME at a cache that has the model, "
-            f"or use `source: local` with a directory."
-        ) from exc
+        path = snapshot_download(model_id, revision=revision, allow_patterns=HUB_ALLOW, ignore_patterns=HUB_IGNORE)
+    except Exception as exc:  # the hub raises many types: hub_error sorts them into what to fix
+        raise hub_error(exc, model_id, revision, name, constants.HF_HUB_CACHE) from exc
     return Path(path), Path(path).name  # snapshots/<commit>
+
+
+def hub_error(exc: Exception, model_id: str, revision: str | None, name: str, cache: str) -> NeuronAtlasError:
+    """The error of a failed hub download of `models.<name>`: which key is at fault (id, revision) or why the hub
+    could not help (gated, unreachable, offline), and what to do."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    from neuronatlas.core.corpus import error_detail
+
+    detail = error_detail(exc)
+    page = f"https://huggingface.co/{model_id}"
+    if isinstance(exc, GatedRepoError):
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status == 403:  # a token was sent, but its account has not been granted access
+            todo = f"request access on {page} with the account of your token and wait for the grant"
+        else:
+            todo = (
+                f"accept its conditions on {page} with your account, then log in where prepare_model runs "
+                "(`hf auth login`, or HF_TOKEN in its environment)"
+            )
+        return ConfigError(f"models.{name}.id", f"{model_id!r} is a gated model and the hub refused the download ({detail}); {todo}")
+    if isinstance(exc, RevisionNotFoundError):
+        return ConfigError(
+            f"models.{name}.revision", f"{model_id!r} has no revision {revision!r} ({detail}); use a branch, tag or commit of {page}"
+        )
+    if isinstance(exc, RepositoryNotFoundError):
+        return ConfigError(
+            f"models.{name}.id",
+            f"{model_id!r} is not a model on the Hugging Face hub, or it is private ({detail}); check the id on {page} "
+            "(a private model needs `hf auth login` or HF_TOKEN)",
+        )
+    if isinstance(exc, IncompleteSnapshotError):
+        return ModelUnavailableError(
+            f"models.{name}: the cached copy of {model_id!r} in {cache} is incomplete and the hub cannot be reached ({detail}). "
+            "Run prepare_model once where the hub is reachable to complete it"
+        )
+    if isinstance(exc, LocalEntryNotFoundError):
+        offline = isinstance(exc.__cause__, OfflineModeIsEnabled)
+        reason = "HF_HUB_OFFLINE is set" if offline else f"the hub cannot be reached: {exc.__cause__ or detail}"
+        return ModelUnavailableError(
+            f"models.{name}: hub model {model_id!r} (revision {revision or 'main'}) is not in the Hugging Face cache "
+            f"{cache} and {reason}. Run prepare_model once where the hub is reachable with the same HF_HOME (e.g. "
+            "`snakemake --until prepare_model` on a login node), point HF_HOME at a cache that has the model, "
+            "or use `source: local` with a directory"
+        )
+    return ModelUnavailableError(
+        f"models.{name}: cannot download hub model {model_id!r} (revision {revision or 'main'}): {type(exc).__name__}: {detail}"
+    )
 
 
 def _head_class(kind: str):

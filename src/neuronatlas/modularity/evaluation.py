@@ -58,17 +58,25 @@ def mmlu_prompt(subject: str, question: str, choices: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def load_mmlu(subject: str, split: str = "test", max_questions: int | None = None, path: str = "cais/mmlu") -> list[dict[str, Any]]:
-    """MMLU questions of one subject from the Hugging Face hub (records: question, choices, answer)."""
+def load_mmlu(
+    subject: str,
+    split: str = "test",
+    max_questions: int | None = None,
+    path: str = "cais/mmlu",
+    key: str = "modularity.experiments.<e>.mmlu",
+) -> list[dict[str, Any]]:
+    """MMLU questions of one subject (records: question, choices, answer) from the hub or a local copy; `key` is the
+    experiment's mmlu section, named by errors."""
+    from neuronatlas.core.corpus import hf_load_error
+
     try:
         import datasets as hfds
 
         ds = hfds.load_dataset(path, subject, split=split)
-    except Exception as exc:  # the hub raises many types; all mean "cannot get it"
+    except Exception as exc:  # the hub raises many types: hf_load_error sorts them into what to fix
+        error = hf_load_error(exc, {"path": f"{key}.path", "config": f"{key}.subjects", "split": f"{key}.split"}, path, subject, split)
         raise NeuronAtlasError(
-            f"modularity: cannot load MMLU subject {subject!r} ({path}, split {split}): {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}. MMLU comes from the Hugging Face hub: run where the hub is "
-            "reachable or the dataset is in the HF cache, or remove `mmlu.subjects` from the experiment (offline demo)."
+            f"cannot load MMLU subject {subject!r}: {error}; or remove `mmlu.subjects` from the experiment (the offline demo has none)"
         ) from exc
     rows = [{"question": r["question"], "choices": list(r["choices"]), "answer": int(r["answer"])} for r in ds]
     return rows[:max_questions] if max_questions else rows
@@ -375,7 +383,8 @@ def build_eval_sets(
     extra = []
     mm = params.get("mmlu") or {}
     for subject in mm.get("subjects") or []:
-        qs = load_mmlu(subject, mm.get("split") or "test", mm.get("max_questions"))
+        key = f"modularity.experiments.{params['experiment']}.mmlu"
+        qs = load_mmlu(subject, mm.get("split") or "test", mm.get("max_questions"), mm.get("path") or "cais/mmlu", key)
         extra.append(
             EvalSet(
                 f"MMLU {mmlu_subject_title(subject)}",
