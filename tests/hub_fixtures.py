@@ -489,7 +489,10 @@ def build_datasets(root: Path, config: Mapping[str, Any], model_dirs: Mapping[st
         "yelp_review_full": lambda p: _yelp(p, rng),
         "allenai/c4": lambda p: _c4(p, rng),
         "monology/pile-uncopyrighted": lambda p: _pile(
-            p, rng, pile_sets + list(OTHER_PILE_SETS), lambda n: generated_texts(model_dirs["mistralai/Mistral-7B-Instruct-v0.2"], rng, n)
+            p,
+            rng,
+            pile_sets + [name for name in OTHER_PILE_SETS if name not in pile_sets],
+            lambda n: generated_texts(model_dirs["mistralai/Mistral-7B-Instruct-v0.2"], rng, n),
         ),
         "uoft-cs/cifar100": lambda p: _cifar100(p, rng, lambda images: predicted_labels(model_dirs["Ahmed9275/Vit-Cifar100"], images)),
         "cais/mmlu": lambda p: _mmlu(p, rng, subjects),

@@ -220,9 +220,11 @@ class FilterTally:
         if self.absent == self.read:
             seen = f"the field is absent from every one of them; fix datasets.{name}.filter.field (a dotted path, e.g. meta.pile_set_name)"
         else:
-            common = ", ".join(f"{v} ({n})" for v, n in self.values.most_common(12))
+            # enough to list every one of the Pile's 22 set names, so a misspelt one can be found in the message
+            shown = 30
+            common = ", ".join(f"{v} ({n})" for v, n in self.values.most_common(shown))
             seen = (
-                f"values seen: {common}{', ...' if len(self.values) > 12 else ''}; "
+                f"values seen: {common}{', ...' if len(self.values) > shown else ''}; "
                 f"fix datasets.{name}.filter (values are compared exactly, case included)"
             )
         raise EmptyCorpusError(
