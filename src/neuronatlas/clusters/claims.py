@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from neuronatlas.replication import statistics
-from neuronatlas.replication.claims import Claim, row
+from neuronatlas.replication.claims import Claim, bootstrap_options, row
 
 if TYPE_CHECKING:  # pandas is imported when the claims are evaluated, not when the DAG reads CLAIMS
     import pandas as pd
@@ -66,10 +66,6 @@ REFINED_SIZE = Claim(
 CLAIMS = [DISTANCE_FALLS, VARIANTS_SIMILAR, INDEX_CLUSTERS, REFINED_SIZE]
 
 
-def _options(settings: Mapping[str, Any]) -> dict[str, Any]:
-    return {"confidence": settings.get("confidence", 0.95), "resamples": settings.get("resamples", 2000), "seed": settings.get("seed", 0)}
-
-
 def evaluate(inputs: Mapping[str, Any], settings: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Rows of every claim for every clustered (model, dataset, site)."""
     import pandas as pd
@@ -98,7 +94,7 @@ def read_distances(files: Mapping[str, Mapping[str, str]]) -> pd.DataFrame:
 
 def _distance_rows(distances: pd.DataFrame, settings: Mapping[str, Any], model: str, dataset: str, site: str) -> list[dict[str, Any]]:
     """Distances fall with K (smallest vs largest K of clustering.k), and every variant stays close to raw."""
-    options = _options(settings)
+    options = bootstrap_options(settings)
     out = []
     ks = sorted(distances["k"].unique())
     for variant in distances["variant"].unique():
@@ -129,7 +125,7 @@ def _index_rows(
             columns = pd.read_parquet(path)
             shared = columns.groupby(["cluster", "index"])["neuron_id"].transform("size") > 1
             per_cluster = pd.DataFrame({"cluster": columns["cluster"], "shared": shared}).groupby("cluster")["shared"]
-            estimate = statistics.ratio_of_sums(per_cluster.sum().to_numpy(), per_cluster.size().to_numpy(), **_options(settings))
+            estimate = statistics.ratio_of_sums(per_cluster.sum().to_numpy(), per_cluster.size().to_numpy(), **bootstrap_options(settings))
             random = baseline[(baseline.variant == variant) & (baseline.k == int(k)) & (~baseline.refined.astype(bool))]
             if random.empty:
                 continue
@@ -164,7 +160,7 @@ def _refined_size_rows(
     for variant, by_k in refined.items():
         for k, path in by_k.items():
             columns = clustering.read_parquet(path)
-            estimate = statistics.bootstrap(refined_sizes(columns["cluster"], int(k)), np.median, **_options(settings))
+            estimate = statistics.bootstrap(refined_sizes(columns["cluster"], int(k)), np.median, **bootstrap_options(settings))
             note = ""
             if site in clustering.SHARED_INDEX_SITES:
                 spread = clustering.single_index_summary(columns["cluster"], columns["index"], int(k))

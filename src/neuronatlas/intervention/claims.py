@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from neuronatlas.replication import statistics
-from neuronatlas.replication.claims import Claim, row
+from neuronatlas.replication.claims import Claim, bootstrap_options, row
 
 if TYPE_CHECKING:  # pandas is imported when the claims are evaluated, not when the DAG reads CLAIMS
     import pandas as pd
@@ -75,10 +75,6 @@ EXCLUSIVE = Claim(
 CLAIMS = [LARGE_K_EXCEEDS, SMALL_K_BELOW_RANDOM, SMALL_K_ABOVE_POSITION, REFINED_EXCEEDS, EXCLUSIVE]
 
 
-def _options(settings: Mapping[str, Any]) -> dict[str, Any]:
-    return {"confidence": settings.get("confidence", 0.95), "resamples": settings.get("resamples", 2000), "seed": settings.get("seed", 0)}
-
-
 def evaluate(inputs: Mapping[str, Any], settings: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Rows of every claim for every ablated (model, dataset, site)."""
     import pandas as pd
@@ -129,7 +125,7 @@ def table3_rows(frames: list[pd.DataFrame], settings: Mapping[str, Any], model: 
         for claim, baseline in checks:
             if f"{baseline}_change_pct" not in frame:
                 continue
-            estimate = statistics.paired(ok["cluster_change_pct"], ok[f"{baseline}_change_pct"], **_options(settings))
+            estimate = statistics.paired(ok["cluster_change_pct"], ok[f"{baseline}_change_pct"], **bootstrap_options(settings))
             label = f"{variant} + refine" if refined else variant
             out.append(row(claim, estimate, settings, model, dataset, f"{site}, {label}, K {k}, cluster − {baseline}", _note(ok)))
     return out
@@ -143,7 +139,7 @@ def exclusiveness_rows(matrix: pd.DataFrame, settings: Mapping[str, Any], model:
         return [row(EXCLUSIVE, statistics.bootstrap([]), settings, model, dataset, site, "no cluster had an evaluation corpus")]
     by_cluster = exclusiveness_by_cluster(matrix)
     first = matrix.iloc[0]
-    estimate = statistics.bootstrap(by_cluster["difference"], **_options(settings))
+    estimate = statistics.bootstrap(by_cluster["difference"], **bootstrap_options(settings))
     scope = f"{site}, {first['variant']}, K {int(first['k'])}, {len(by_cluster)} clusters x their corpora"
     note = f"own corpus {by_cluster['own'].mean():.2f}%, other corpora {by_cluster['others'].mean():.2f}% (means over ablated clusters)"
     return [row(EXCLUSIVE, estimate, settings, model, dataset, scope, note)]

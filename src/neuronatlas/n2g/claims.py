@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from neuronatlas.replication import statistics
-from neuronatlas.replication.claims import Claim, row
+from neuronatlas.replication.claims import Claim, bootstrap_options, row
 
 N2G_PAPER = "Foote et al. (N2G)"
 EMBEDDING_PAPER = "Foote (neuron embeddings)"
@@ -80,10 +80,6 @@ CLAIMS = [F1_FALLS_WITH_DEPTH, NONFIRING_NEAR_ONE, INTRA_LOWER, INTER_HIGHER, SI
 CLUSTER_CLAIMS = {"intra": INTRA_LOWER, "inter": INTER_HIGHER, "silhouette": SILHOUETTE_HIGHER}
 
 
-def _options(settings: Mapping[str, Any]) -> dict[str, Any]:
-    return {"confidence": settings.get("confidence", 0.95), "resamples": settings.get("resamples", 2000), "seed": settings.get("seed", 0)}
-
-
 def evaluate(inputs: Mapping[str, Any], settings: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Rows of every claim for every (model, dataset) N2G or feature clustering ran on."""
     import pandas as pd
@@ -106,7 +102,7 @@ def relative_depth(layer: np.ndarray, n_layers: np.ndarray) -> np.ndarray:
 
 def n2g_rows(frame: Any, settings: Mapping[str, Any], model: str, dataset: str) -> list[dict[str, Any]]:
     """Firing F1 against depth (slope) and non-firing F1 (mean), over the neurons of the `topk` evaluation."""
-    options = _options(settings)
+    options = bootstrap_options(settings)
     top = frame[frame["eval_set"] == "topk"]
     if top.empty:
         return []
@@ -137,7 +133,7 @@ def n2g_rows(frame: Any, settings: Mapping[str, Any], model: str, dataset: str) 
 
 def cluster_rows(frame: Any, settings: Mapping[str, Any], model: str, dataset: str) -> list[dict[str, Any]]:
     """Per example source: the paired neuron − pre-MLP difference in intra distance, inter distance and silhouette."""
-    options = _options(settings)
+    options = bootstrap_options(settings)
     out = []
     sources = frame["source"] if "source" in frame else np.array(["topk"] * len(frame))
     for source in dict.fromkeys(sources):

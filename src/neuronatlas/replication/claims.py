@@ -62,6 +62,11 @@ class Claim:
         return f"95% interval {'above' if self.rule == 'greater' else 'below'} {threshold:g}"
 
 
+def bootstrap_options(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The report's bootstrap settings (confidence, resamples, seed) as keyword arguments of `statistics`."""
+    return {"confidence": settings.get("confidence", 0.95), "resamples": settings.get("resamples", 2000), "seed": settings.get("seed", 0)}
+
+
 def settings_for(claim: Claim, settings: Mapping[str, Any]) -> tuple[float, float | None, int]:
     """(threshold, upper, min_n) of a claim: the config's `replication.thresholds` / `min_n` override the defaults."""
     threshold = settings.get("thresholds", {}).get(claim.id, claim.threshold)

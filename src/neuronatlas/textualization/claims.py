@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from neuronatlas.replication import statistics
-from neuronatlas.replication.claims import Claim, row
+from neuronatlas.replication.claims import Claim, bootstrap_options, row
 
 OPTIMIZED_BEATS_WORD = Claim(
     id="baeumel.table1.optimized_input_beats_word",
@@ -75,10 +75,6 @@ TOP1_RISES_WITH_K = Claim(
 CLAIMS = [OPTIMIZED_BEATS_WORD, WORD_USES_LITTLE, CLOSEST_IS_NOT_TOP_WORD, FALLS_WITH_DEPTH, TOP1_RISES_WITH_K]
 
 
-def _options(settings: Mapping[str, Any]) -> dict[str, Any]:
-    return {"confidence": settings.get("confidence", 0.95), "resamples": settings.get("resamples", 2000), "seed": settings.get("seed", 0)}
-
-
 def _model_note(description: str) -> str:
     """What the model is, beside the paper's: the claims concern a pre-trained, not fine-tuned, bert-base-uncased."""
     model = description or "no description in the config"
@@ -100,7 +96,7 @@ def evaluate(inputs: Mapping[str, Any], settings: Mapping[str, Any]) -> list[dic
 def _single_rows(files: Mapping[str, str], settings: Mapping[str, Any], model: str, note: str) -> list[dict[str, Any]]:
     import pandas as pd
 
-    options = _options(settings)
+    options = bootstrap_options(settings)
     neurons = pd.read_csv(files["neurons"], keep_default_na=False)
     spaces = pd.read_csv(files["spaces"], keep_default_na=False)
     out = [
@@ -154,6 +150,6 @@ def _group_rows(files: Mapping[str, Mapping[str, str]], settings: Mapping[str, A
         shared = a.index.intersection(b.index)
         if len(shared) == 0:
             continue
-        estimate = statistics.paired(a.loc[shared].to_numpy(), b.loc[shared].to_numpy(), np.mean, **_options(settings))
+        estimate = statistics.paired(a.loc[shared].to_numpy(), b.loc[shared].to_numpy(), np.mean, **bootstrap_options(settings))
         out.append(row(TOP1_RISES_WITH_K, estimate, settings, model, "", f"relative, k {ks[0]} vs {ks[-1]}, `{space}` space", note))
     return out
