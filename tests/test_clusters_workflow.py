@@ -196,3 +196,22 @@ def test_per_cluster_distances_equal_scipy_pairwise_distances(run):
                 d = pdist(np.asarray(rep.values[members], dtype=np.float64), "cosine")
                 assert got["max_distance"] == pytest.approx(d.max(), abs=1e-4)
                 assert got["avg_distance"] == pytest.approx(d.mean(), abs=1e-4)
+
+
+def test_representations_datasets_narrows_the_cluster_grid():
+    """`representations.datasets` keeps a model's other datasets (e.g. pruning tasks) out of the cluster stages."""
+    from neuronatlas.core import config as core_config
+    from neuronatlas.core.errors import ConfigError
+
+    base = {
+        "datasets": {name: {"source": "packaged", "name": "wiki_summaries"} for name in ("a", "b", "c")},
+        "models": {"m": {"source": "packaged", "name": "all-minilm-l6-v2", "sites": ["mlp", "residual"], "datasets": ["a", "b", "c"]}},
+        "representations": {"models": ["m"], "sites": ["mlp"]},
+    }
+    cfg = core_config.validate(base)
+    assert clusters_dag.grid(cfg) == [("m", "a", "mlp"), ("m", "b", "mlp"), ("m", "c", "mlp")]
+    cfg["representations"]["datasets"] = ["c", "a"]
+    assert clusters_dag.grid(cfg) == [("m", "a", "mlp"), ("m", "c", "mlp")]
+    cfg["representations"]["datasets"] = ["a", "nope"]
+    with pytest.raises(ConfigError, match=r"representations.datasets\[1\]"):
+        clusters_dag.check_config(cfg)

@@ -95,3 +95,26 @@ def test_packaged_corpora(name, min_docs):
     if name == "drug_reviews":
         assert "&#039;" not in " ".join(d.text for d in docs[:50])
         assert {d.label for d in docs} <= {"positive", "negative", "neutral"}
+
+
+def test_delimited_text_files_and_glob_lists(tmp_path):
+    (tmp_path / "law").write_text("A lawyer.\n%\nA judge,\n  twice.\n%  \n\n%\nThe court.\n")
+    (tmp_path / "food").write_text("Bread.\n%\nCheese.")
+    (tmp_path / "food.dat").write_bytes(b"\x00\x01binary index")
+    s = spec(shards=1, shuffle=False, delimiter="%")
+    s["glob"] = [str(tmp_path / "law"), str(tmp_path / "food"), str(tmp_path / "law")]
+    shards, man = build(tmp_path / "out", s)
+    # sorted paths, each once; empty parts dropped; a part keeps its inner line breaks
+    assert shards[0]["text"].tolist() == ["Bread.", "Cheese.", "A lawyer.", "A judge,\n  twice.", "The court."]
+    assert shards[0]["key"].tolist()[:2] == [f"{tmp_path / 'food'}:0", f"{tmp_path / 'food'}:1"]
+    assert man["documents"] == 5
+    whole = spec(shards=1, shuffle=False)
+    whole["glob"] = str(tmp_path / "law")
+    shards, _ = build(tmp_path / "whole", whole)
+    assert len(shards[0]) == 1 and "%" in shards[0]["text"][0] and "The court." in shards[0]["text"][0]
+    with pytest.raises(ConfigError, match="datasets.d.delimiter"):
+        core_config.validate({**_cfg_with(delimiter="%", source="packaged", name="wiki_summaries")})
+
+
+def _cfg_with(**dataset) -> dict:
+    return {"datasets": {"d": dataset}, "models": {"m": {"source": "hub", "id": "x", "sites": ["mlp"], "datasets": ["d"]}}}

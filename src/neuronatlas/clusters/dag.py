@@ -36,8 +36,14 @@ def enabled(config: Mapping[str, Any]) -> bool:
 def grid(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """(model, dataset, site) triples whose neurons are clustered, in config order."""
     rep = config["representations"]
+    chosen = rep["datasets"]
     return [
-        (m, d, s) for m in rep["models"] for d in config["models"][m]["datasets"] for s in config["models"][m]["sites"] if s in rep["sites"]
+        (m, d, s)
+        for m in rep["models"]
+        for d in config["models"][m]["datasets"]
+        if chosen is None or d in chosen
+        for s in config["models"][m]["sites"]
+        if s in rep["sites"]
     ]
 
 
@@ -67,6 +73,9 @@ def check_config(config: Mapping[str, Any]) -> None:
             raise ConfigError(f"representations.models[{i}]", f"unknown model {m!r}; defined models: {', '.join(config['models'])}")
         if not config["models"][m]["token_stats"]:
             raise ConfigError(f"representations.models[{i}]", f"model {m!r} has token_stats: false, so it has no token means to cluster")
+    for i, d in enumerate(rep["datasets"] or []):
+        if d not in config["datasets"]:
+            raise ConfigError(f"representations.datasets[{i}]", f"unknown dataset {d!r}; defined datasets: {', '.join(config['datasets'])}")
     for d in rep["min_count"]:
         if d not in config["datasets"]:
             raise ConfigError(f"representations.min_count.{d}", f"unknown dataset {d!r}; defined datasets: {', '.join(config['datasets'])}")

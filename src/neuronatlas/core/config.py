@@ -117,11 +117,11 @@ def load(path: str | Path, schema_path: str | Path = SCHEMA_PATH) -> dict[str, A
 
 
 _DATASET_ONLY = {
-    "hf": {"path", "revision", "streaming", "shuffle_buffer", "filter", "image_field", "target_field"},
+    "hf": {"path", "revision", "streaming", "shuffle_buffer", "filter", "image_field", "target_field", "data_files"},
     "packaged": set(),
-    "files": {"glob", "filter"},
+    "files": {"glob", "filter", "delimiter"},
 }
-_DATASET_FIELDS = {"path", "revision", "streaming", "shuffle_buffer", "filter", "glob", "image_field", "target_field"}
+_DATASET_FIELDS = set().union(*_DATASET_ONLY.values())
 _MODEL_ONLY = {
     "hub": {"id", "revision"},
     "local": {"path"},

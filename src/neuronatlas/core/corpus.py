@@ -154,9 +154,29 @@ def _get_field(record: Mapping[str, Any], dotted: str) -> Any:
     return cur
 
 
+def glob_paths(pattern: str | Sequence[str] | None) -> list[str]:
+    """The files a `glob` setting (one glob or a list) matches, sorted and without repeats."""
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern or [])
+    return sorted({p for g in patterns for p in globlib.glob(g, recursive=True) if Path(p).is_file()})
+
+
+def split_text(text: str, delimiter: str | None) -> list[str]:
+    """A text file's documents: the whole text, or the parts between lines that are exactly `delimiter`."""
+    if delimiter is None:
+        return [text]
+    parts, current = [], []
+    for line in text.splitlines():
+        if line.rstrip() == delimiter:
+            parts.append("\n".join(current))
+            current = []
+        else:
+            current.append(line)
+    parts.append("\n".join(current))
+    return [part.strip() for part in parts if part.strip()]
+
+
 def _files(spec: Mapping[str, Any], name: str) -> Iterator[Document]:
-    paths = sorted(globlib.glob(spec["glob"], recursive=True))
-    paths = [p for p in paths if Path(p).is_file()]
+    paths = glob_paths(spec["glob"])
     if not paths:
         raise ConfigError(f"datasets.{name}.glob", f"{spec['glob']!r} matched no files (relative paths resolve from the working directory)")
     i = 0
@@ -181,8 +201,11 @@ def _files(spec: Mapping[str, Any], name: str) -> Iterator[Document]:
                         yield Document(i, f"{p}:{lineno}", str(text), None if label is None else str(label))
                     i += 1
         else:
-            yield Document(i, p, Path(p).read_text(encoding="utf-8", errors="replace"), None)
-            i += 1
+            text = Path(p).read_text(encoding="utf-8", errors="replace")
+            delimiter = spec.get("delimiter")
+            for j, part in enumerate(split_text(text, delimiter)):
+                yield Document(i, p if delimiter is None else f"{p}:{j}", part, None)
+                i += 1
     tally.check(name, spec["glob"])
 
 
@@ -312,7 +335,14 @@ def _hf(spec: Mapping[str, Any], name: str, seed: int) -> Iterator[Document]:
         raise NeuronAtlasError("the `datasets` package is needed for source hf; run `make setup`") from exc
     split = spec.get("split") or "train"
     try:
-        ds = hfds.load_dataset(spec["path"], spec.get("name"), split=split, streaming=spec["streaming"], revision=spec.get("revision"))
+        ds = hfds.load_dataset(
+            spec["path"],
+            spec.get("name"),
+            data_files=spec.get("data_files"),
+            split=split,
+            streaming=spec["streaming"],
+            revision=spec.get("revision"),
+        )
     except Exception as exc:  # the hub raises many types: hf_load_error sorts them into what to fix
         keys = {"path": f"datasets.{name}.path", "config": f"datasets.{name}.name", "split": f"datasets.{name}.split"}
         raise hf_load_error(exc, keys, spec["path"], spec.get("name"), split) from exc

@@ -159,9 +159,9 @@ def dataset_words(dataset: Mapping[str, Any]) -> float | None:
     if dataset.get("max_documents"):
         return 400.0 * dataset["max_documents"]
     if dataset["source"] == "files" and dataset.get("glob"):
-        import glob
+        from neuronatlas.core.corpus import glob_paths
 
-        size = sum(os.path.getsize(p) for p in glob.glob(dataset["glob"], recursive=True) if os.path.isfile(p))
+        size = sum(os.path.getsize(p) for p in glob_paths(dataset["glob"]))
         return size / BYTES_PER_WORD
     return None
 
