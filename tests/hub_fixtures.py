@@ -23,6 +23,7 @@ import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,8 @@ CIFAR100_COARSE = (
 ).split()
 # Pile components besides the grid's subsets, so that the unfiltered Pile and every filter see a mixture
 OTHER_PILE_SETS = ("Pile-CC", "Wikipedia (en)", "StackExchange")
+# the camel-ai instruction datasets of the paper (one hub repository each)
+CAMEL_SUBJECTS = ("biology", "chemistry", "physics")
 
 
 @dataclass(frozen=True)
@@ -393,6 +396,47 @@ def _pile(root: Path, rng: np.random.Generator, sets: list[str], texts: Callable
     )
 
 
+def _camel(root: Path, rng: np.random.Generator, subject: str, texts: Callable[[int], list[str]]) -> None:
+    """camel-ai/<subject>: one zip, <subject>.zip, of JSON files, each one conversation (`role_1`, `topic;` with its
+    semicolon, `sub_topic`, `message_1` the problem, `message_2` the answer); no configs, `datasets` reads the zip."""
+    import zipfile
+
+    answers = iter(texts(12))
+    with zipfile.ZipFile(root / f"{subject}.zip", "w") as archive:
+        for i in range(12):
+            record = {
+                "role_1": f"{subject.capitalize()}_RoleType.ASSISTANT",
+                "topic;": f"topic {i % 3}",
+                "sub_topic": f"sub-topic {i}",
+                "message_1": " ".join(_documents(rng, 1)),
+                "message_2": next(answers),
+            }
+            archive.writestr(f"{i // 4 + 1}_{i % 4 + 1}.json", json.dumps(record))
+    (root / "README.md").write_text(_card({"license": "cc-by-nc-4.0", "language": ["en"]}, subject))
+
+
+def _github_code(root: Path, rng: np.random.Generator, texts: Callable[[int], list[str]]) -> None:
+    """codeparrot/github-code: a loading script github-code.py (which `datasets` no longer runs) beside parquet files
+    data/train-<i>-of-01126.parquet with `code`, `repo_name`, `path`, `language`, `license`, `size`."""
+    import datasets
+
+    (root / "github-code.py").write_text("# the hub repository's loading script: datasets 4+ refuses to run it\n")
+    features = datasets.Features({k: datasets.Value("string") for k in ("code", "repo_name", "path", "language", "license")})
+    features["size"] = datasets.Value("int32")
+    for i in range(2):
+        code = texts(8)
+        columns = {
+            "code": code,
+            "repo_name": [f"user/repo{i}{j}" for j in range(8)],
+            "path": [f"src/file{j}.py" for j in range(8)],
+            "language": [str(x) for x in rng.choice(["Python", "C", "JavaScript"], 8)],
+            "license": ["mit"] * 8,
+            "size": [len(c) for c in code],
+        }
+        _write_parquet(root / "data" / f"train-{i:05d}-of-01126.parquet", columns, features)
+    (root / "README.md").write_text(_card({"license": "other", "pretty_name": "GitHub Code"}, "github-code"))
+
+
 def _cifar100(root: Path, rng: np.random.Generator, classify: Callable[[list[Any]], list[int]]) -> None:
     """uoft-cs/cifar100: config `cifar100`, parquet train/test, `img` (PNG bytes), fine_label (100), coarse_label (20).
     The fine labels are `classify`'s predictions (the stand-in classifier gets every image right)."""
@@ -464,9 +508,27 @@ def _mmlu(root: Path, rng: np.random.Generator, subjects: list[str]) -> None:
     (root / "README.md").write_text(_card({"configs": configs}, "mmlu"))
 
 
+def hub_file_address(address: str) -> tuple[str, str] | None:
+    """(hub dataset id, path in the repository) of an hf://datasets/<owner>/<name>[@revision]/<path> address."""
+    if not address.startswith("hf://datasets/"):
+        return None
+    owner, name, path = address[len("hf://datasets/") :].split("/", 2)
+    return f"{owner}/{name.split('@')[0]}", path
+
+
+def dataset_hub_id(spec: Mapping[str, Any]) -> str:
+    """The hub repository an `hf` dataset reads: its `path`, or the repository its hf:// `data_files` name."""
+    files = spec.get("data_files")
+    for address in [files] if isinstance(files, str) else files or []:
+        found = hub_file_address(address)
+        if found:
+            return found[0]
+    return spec["path"]
+
+
 def grid_dataset_ids(config: Mapping[str, Any]) -> list[str]:
     """The hub ids of a config's `source: hf` datasets and of its MMLU experiments."""
-    ids = {d["path"] for d in config["datasets"].values() if d["source"] == "hf"}
+    ids = {dataset_hub_id(d) for d in config["datasets"].values() if d["source"] == "hf"}
     for experiment in (config.get("modularity") or {}).get("experiments", {}).values():
         if (experiment.get("mmlu") or {}).get("subjects"):
             ids.add((experiment["mmlu"].get("path")) or "cais/mmlu")
@@ -485,17 +547,20 @@ def build_datasets(root: Path, config: Mapping[str, Any], model_dirs: Mapping[st
     subjects = sorted(
         {s for e in (config.get("modularity") or {}).get("experiments", {}).values() for s in (e.get("mmlu") or {}).get("subjects", [])}
     )
+
+    def mistral_texts(n: int) -> list[str]:
+        return generated_texts(model_dirs["mistralai/Mistral-7B-Instruct-v0.2"], rng, n)
+
     builders: dict[str, Callable[[Path], None]] = {
         "yelp_review_full": lambda p: _yelp(p, rng),
         "allenai/c4": lambda p: _c4(p, rng),
         "monology/pile-uncopyrighted": lambda p: _pile(
-            p,
-            rng,
-            pile_sets + [name for name in OTHER_PILE_SETS if name not in pile_sets],
-            lambda n: generated_texts(model_dirs["mistralai/Mistral-7B-Instruct-v0.2"], rng, n),
+            p, rng, pile_sets + [name for name in OTHER_PILE_SETS if name not in pile_sets], mistral_texts
         ),
         "uoft-cs/cifar100": lambda p: _cifar100(p, rng, lambda images: predicted_labels(model_dirs["Ahmed9275/Vit-Cifar100"], images)),
         "cais/mmlu": lambda p: _mmlu(p, rng, subjects),
+        "codeparrot/github-code": lambda p: _github_code(p, rng, mistral_texts),
+        **{f"camel-ai/{subject}": partial(_camel, rng=rng, subject=subject, texts=mistral_texts) for subject in CAMEL_SUBJECTS},
     }
     out = {}
     for dataset_id in grid_dataset_ids(config):
@@ -541,6 +606,7 @@ SIZE_KEYS = (
     "results_dir",
     "threads",
     "datasets.*.path",
+    "datasets.*.data_files",
     "datasets.*.shards",
     "datasets.*.eval_shards",
     "datasets.*.max_documents",
@@ -578,8 +644,13 @@ def miniature(config: Mapping[str, Any], hub: Hub, results: Path) -> dict[str, A
     cfg["results_dir"] = str(results)
     cfg["threads"] = 1  # tiny models: a second thread per job only waits on the other job's
     for spec in cfg["datasets"].values():
+        if spec["source"] == "hf" and spec.get("data_files"):
+            files = [spec["data_files"]] if isinstance(spec["data_files"], str) else spec["data_files"]
+            addresses = [(f, hub_file_address(f)) for f in files]
+            spec["data_files"] = [str(hub.datasets[found[0]] / found[1]) if found else f for f, found in addresses]
         if spec["source"] == "hf":
-            spec["path"] = str(hub.datasets[spec["path"]])
+            if spec["path"] in hub.datasets:
+                spec["path"] = str(hub.datasets[spec["path"]])
             spec["shards"], spec["eval_shards"] = 2, [1]
             if spec.get("max_documents"):
                 spec["max_documents"] = 16 if not spec.get("filter") else 4
