@@ -234,6 +234,12 @@ def test_modularity_selectivity_and_overlap_claims_against_hand_computations(tmp
     estimate = modularity_claims.pearson(first, second, {"resamples": 500, "seed": 0, "confidence": 0.95})
     assert estimate.value == pytest.approx(scipy_stats.pearsonr(trained[off], random[off]).statistic) and estimate.n == 12
     assert estimate.low < estimate.value < estimate.high
+    # spread about the median, by hand: mean |x - median(x)| of each model's pairs, trained minus random
+    spread = modularity_claims.spread_difference(first, second, {"resamples": 500, "seed": 0, "confidence": 0.95})
+    by_hand = [float(np.mean(np.abs(x - np.median(x)))) for x in (trained[off], random[off])]
+    assert spread.value == pytest.approx(by_hand[0] - by_hand[1]) and spread.n == 12
+    assert spread.low <= spread.value <= spread.high
+    assert modularity_claims.median_deviation(np.array([1.0, 2.0, 10.0])) == pytest.approx((1 + 0 + 8) / 3)
     # the rows through evaluate: selectivity per drop (the unreachable task noted), overlaps, no Lorenz without MoE
     effects.to_csv(tmp_path / "effects.csv", index=False)
     search.to_csv(tmp_path / "search.csv", index=False)
@@ -247,13 +253,17 @@ def test_modularity_selectivity_and_overlap_claims_against_hand_computations(tmp
         }
     }
     rows = modularity_claims.evaluate(inputs, {"resamples": 500, "min_n": {}, "thresholds": {}, "upper": {}})
-    assert [r["claim_id"] for r in rows] == [modularity_claims.TARGET_DROP_EXCEEDS_OFF_TARGET.id, modularity_claims.OVERLAPS_CORRELATE.id]
+    assert [r["claim_id"] for r in rows] == [
+        modularity_claims.TARGET_DROP_EXCEEDS_OFF_TARGET.id,
+        modularity_claims.OVERLAPS_CORRELATE.id,
+        modularity_claims.OVERLAPS_CLOSER_TO_MEDIAN.id,
+    ]
     assert rows[0]["n"] == 3 and rows[0]["estimate"] == pytest.approx(values.mean()) and "1 of 4 tasks" in rows[0]["note"]
     assert rows[0]["model"] == "vit" and rows[1]["n"] == 12
     # a statistic written |N_i ∩ N_j| stays in its cell: every table row has the header's 10 unescaped pipes
     text = claims.markdown(rows)
     table = [line for line in text.splitlines() if line.startswith("| `pochinkov")]
-    assert len(table) == 2 and all(len(re.findall(r"(?<!\\)\|", line)) == 10 for line in table)
+    assert len(table) == 3 and all(len(re.findall(r"(?<!\\)\|", line)) == 10 for line in table)
     # overlaps that are all 0% (disjoint selections) leave r undefined, and the row says why
     zero = overlap.assign(overlap=np.where(overlap["task_i"] == overlap["task_j"], 100.0, 0.0))
     zero.to_csv(tmp_path / "overlap.csv", index=False)

@@ -3,8 +3,9 @@
 - Selectivity (Fig. 1): units are the tasks that reached the drop; per task, the mean relative accuracy of the
   other tasks minus the task's own after pruning its selection (percentage points), so a positive mean says pruning
   a task's neurons hurts that task more than the others.
-- Overlap structure (Fig. 5): units are the ordered task pairs (i != j) with an overlap in both models; Pearson r
-  between the trained and the random model's overlaps, with a bootstrap over pairs.
+- Overlap structure (Figs. 3-5): units are the ordered task pairs (i != j) with an overlap in both models; Pearson r
+  between the trained and the random model's overlaps, and the difference of their spreads about the median (the
+  paper's "closer-to-median", "extreme overlaps diminished"), each with a bootstrap over pairs.
 - Lorenz AUC (Fig. 6): units are (task, layer) pairs of `lorenz.csv`, paired between the trained model, its
   randomly initialised twin and the chance level of random selections.
 """
@@ -42,6 +43,19 @@ OVERLAPS_CORRELATE = Claim(
     rule="greater",
     threshold=0.0,
 )
+OVERLAPS_CLOSER_TO_MEDIAN = Claim(
+    id="pochinkov.fig5.trained_overlaps_closer_to_median",
+    paper=PAPER,
+    reference="Figs. 3-5, section 4.2",
+    claim="Training pulls the task pairs' overlaps towards their median: extreme overlaps of the random twin diminish.",
+    paper_value="'more neurons have a closer-to-median overlap', 'extreme overlaps were diminished' (no number given)",
+    statistic=(
+        "spread of the overlaps, trained − random: mean |overlap − median| over ordered task pairs i != j "
+        "(percentage points; pairs resampled together)"
+    ),
+    rule="less",
+    threshold=0.0,
+)
 LORENZ_TRAINED_VS_RANDOM = Claim(
     id="pochinkov.fig6.trained_more_clustered_than_random",
     paper=PAPER,
@@ -62,7 +76,13 @@ LORENZ_TRAINED_VS_CHANCE = Claim(
     rule="greater",
     threshold=0.0,
 )
-CLAIMS = [TARGET_DROP_EXCEEDS_OFF_TARGET, OVERLAPS_CORRELATE, LORENZ_TRAINED_VS_RANDOM, LORENZ_TRAINED_VS_CHANCE]
+CLAIMS = [
+    TARGET_DROP_EXCEEDS_OFF_TARGET,
+    OVERLAPS_CORRELATE,
+    OVERLAPS_CLOSER_TO_MEDIAN,
+    LORENZ_TRAINED_VS_RANDOM,
+    LORENZ_TRAINED_VS_CHANCE,
+]
 
 
 def selectivity(effects: Any, search: Any) -> tuple[np.ndarray, list[str]]:
@@ -101,6 +121,21 @@ def pearson(trained: np.ndarray, random: np.ndarray, options: Mapping[str, Any])
         return float(np.corrcoef(a, b)[0, 1])
 
     return statistics.bootstrap(np.arange(trained.size, dtype=np.float64), r, **options)
+
+
+def median_deviation(values: np.ndarray) -> float:
+    """Mean absolute deviation from the median: how far overlaps lie from the typical one."""
+    return float(np.mean(np.abs(values - np.median(values)))) if values.size else float("nan")
+
+
+def spread_difference(trained: np.ndarray, random: np.ndarray, options: Mapping[str, Any]) -> statistics.Estimate:
+    """Median deviation of the trained overlaps minus the random twin's, with a bootstrap over the (paired) task pairs."""
+
+    def difference(index: np.ndarray) -> float:
+        ix = index.astype(int)
+        return median_deviation(trained[ix]) - median_deviation(random[ix])
+
+    return statistics.bootstrap(np.arange(trained.size, dtype=np.float64), difference, **options)
 
 
 def _overlap_note(trained: np.ndarray, random: np.ndarray, experiment: str) -> str:
@@ -155,6 +190,17 @@ def evaluate(inputs: Mapping[str, Any], settings: Mapping[str, Any]) -> list[dic
                     experiment,
                     "vs its random twin, per ordered task pair",
                     _overlap_note(trained, random, experiment),
+                )
+            )
+            rows.append(
+                row(
+                    OVERLAPS_CLOSER_TO_MEDIAN,
+                    spread_difference(trained, random, options),
+                    settings,
+                    model,
+                    experiment,
+                    "vs its random twin, per ordered task pair",
+                    "" if trained.size else _overlap_note(trained, random, experiment),
                 )
             )
         if "lorenz" not in files:
