@@ -214,6 +214,8 @@ def test_modularity_selectivity_and_overlap_claims_against_hand_computations(tmp
     values, unreachable = modularity_claims.selectivity(effects, search)
     assert unreachable == ["d"]
     assert values == pytest.approx([(90 + 95 + 100) / 3 - 40, (85 + 80 + 90) / 3 - 50, (70 + 75 + 65) / 3 - 60])
+    every, _ = modularity_claims.selectivity(effects, search, every_task=True)
+    assert every == pytest.approx([*values, (10 + 10 + 10) / 3 - 95])
     # overlaps: NaN pairs (an unreachable task) and the diagonal are left out; r as scipy computes it
     rng = np.random.default_rng(0)
     names = ["A", "B", "C", "D", "E"]
@@ -255,20 +257,22 @@ def test_modularity_selectivity_and_overlap_claims_against_hand_computations(tmp
     rows = modularity_claims.evaluate(inputs, {"resamples": 500, "min_n": {}, "thresholds": {}, "upper": {}})
     assert [r["claim_id"] for r in rows] == [
         modularity_claims.TARGET_DROP_EXCEEDS_OFF_TARGET.id,
+        modularity_claims.TARGET_DROP_EXCEEDS_OFF_TARGET.id,
         modularity_claims.OVERLAPS_CORRELATE.id,
         modularity_claims.OVERLAPS_CLOSER_TO_MEDIAN.id,
     ]
     assert rows[0]["n"] == 3 and rows[0]["estimate"] == pytest.approx(values.mean()) and "1 of 4 tasks" in rows[0]["note"]
-    assert rows[0]["model"] == "vit" and rows[1]["n"] == 12
+    assert rows[1]["n"] == 4 and rows[1]["estimate"] == pytest.approx(every.mean()) and "upper bound" in rows[1]["scope"]
+    assert rows[0]["model"] == "vit" and rows[2]["n"] == 12
     # a statistic written |N_i ∩ N_j| stays in its cell: every table row has the header's 10 unescaped pipes
     text = claims.markdown(rows)
     table = [line for line in text.splitlines() if line.startswith("| `pochinkov")]
-    assert len(table) == 3 and all(len(re.findall(r"(?<!\\)\|", line)) == 10 for line in table)
+    assert len(table) == 4 and all(len(re.findall(r"(?<!\\)\|", line)) == 10 for line in table)
     # overlaps that are all 0% (disjoint selections) leave r undefined, and the row says why
     zero = overlap.assign(overlap=np.where(overlap["task_i"] == overlap["task_j"], 100.0, 0.0))
     zero.to_csv(tmp_path / "overlap.csv", index=False)
     rows = modularity_claims.evaluate(inputs, {"resamples": 500, "min_n": {}, "thresholds": {}, "upper": {}})
-    assert np.isnan(rows[1]["estimate"]) and rows[1]["verdict"] == "inconclusive" and "all 0%" in rows[1]["note"]
+    assert np.isnan(rows[2]["estimate"]) and rows[2]["verdict"] == "inconclusive" and "all 0%" in rows[2]["note"]
 
 
 def test_textualization_single_neuron_claims_against_hand_computations(tmp_path):

@@ -2,7 +2,8 @@
 
 - Selectivity (Fig. 1): units are the tasks that reached the drop; per task, the mean relative accuracy of the
   other tasks minus the task's own after pruning its selection (percentage points), so a positive mean says pruning
-  a task's neurons hurts that task more than the others.
+  a task's neurons hurts that task more than the others. Where some tasks were unreachable, a second row asks the same
+  of every task at the point its search stopped (the upper bound for the unreachable ones).
 - Overlap structure (Figs. 3-5): units are the ordered task pairs (i != j) with an overlap in both models; Pearson r
   between the trained and the random model's overlaps, and the difference of their spreads about the median (the
   paper's "closer-to-median", "extreme overlaps diminished"), each with a bootstrap over pairs.
@@ -85,13 +86,14 @@ CLAIMS = [
 ]
 
 
-def selectivity(effects: Any, search: Any) -> tuple[np.ndarray, list[str]]:
-    """Per task that reached the drop: mean relative accuracy of the other tasks minus its own (the unreachable left out)."""
+def selectivity(effects: Any, search: Any, every_task: bool = False) -> tuple[np.ndarray, list[str]]:
+    """Per task that reached the drop (or, with `every_task`, per task at its chosen point: the search's upper bound
+    where the drop was unreachable): mean relative accuracy of the other tasks minus its own."""
     reached = set(search.loc[search["status"] != "unreachable", "key"])
     tasks = effects[effects["eval_kind"] == "task"]
     values, unreachable = [], sorted(set(search["key"]) - reached)
     for key in search["key"]:
-        if key not in reached:
+        if key not in reached and not every_task:
             continue
         strip = tasks[tasks["target_key"] == key]
         own = strip.loc[strip["eval_key"] == key, "relative"]
@@ -179,6 +181,21 @@ def evaluate(inputs: Mapping[str, Any], settings: Mapping[str, Any]) -> list[dic
                     note,
                 )
             )
+            if unreachable:
+                # the same question at the point each search stopped: a task that could not lose the drop within the
+                # search's upper bound still shows whether its own neurons matter more to it than to the others
+                every, _ = selectivity(effects, pd.read_csv(pair["search"]), every_task=True)
+                rows.append(
+                    row(
+                        TARGET_DROP_EXCEEDS_OFF_TARGET,
+                        statistics.bootstrap(every, **options),
+                        settings,
+                        model,
+                        experiment,
+                        f"{100 * float(drop):g}% target drop, every task at its chosen point (the upper bound where unreachable)",
+                        f"includes {len(unreachable)} task(s) pruned at the search's upper bound without reaching the drop",
+                    )
+                )
         if "overlap" in files:
             trained, random = overlap_pairs(pd.read_csv(files["overlap"]))
             rows.append(
