@@ -142,6 +142,29 @@ def test_gpu_rules_request_no_gpu_on_cpu(tmp_path, tokenizers):
             assert not gpu_jobs, f"device cpu, yet these rules request a GPU: {sorted(gpu_jobs)}"
 
 
+def test_jobs_are_routed_by_gpu_and_a_dry_run_stops_at_a_job_beyond_its_time_limit(tmp_path, tokenizers):
+    """config `cluster`: model jobs (gpu > 0) go to the GPU partition with the GPU type; every other job to the CPU
+    partition; a job whose estimate exceeds its partition's time limit fails the dry run, naming the key."""
+    cluster = {"cpu": {"partition": "short", "max_runtime": 600}, "gpu": {"partition": "gpu", "max_runtime": 600, "gpu_model": "a100"}}
+    cfg = helpers.tiny_config(tmp_path, tokenizers, device="cuda", cluster=cluster)
+    path = tmp_path / "tiny-cluster.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = bench_dag.dry_run(tmp_path, path, "--forceall")
+    jobs = [j for j in run.jobs if j.outputs]
+    expected = {True: ("gpu", "a100"), False: ("short", None)}
+    misrouted = [
+        f"{j.rule} {j.wc}: {j.res}"
+        for j in jobs
+        if (j.res.get("slurm_partition"), j.res.get("gpu_model")) != expected[int(j.res.get("gpu", "0") or 0) > 0]
+    ]
+    assert jobs and not misrouted, "\n".join(misrouted[:20])
+    assert {j.rule for j in jobs if j.res.get("slurm_partition") == "gpu"} >= {"extract_activations", "fit_mlm_head"}
+    cfg["cluster"]["cpu"]["max_runtime"] = 5  # below every job's floor of 10 minutes
+    path.write_text(yaml.safe_dump(cfg))
+    failed = bench_dag.dry_run(tmp_path, path, "--forceall", check=False)
+    assert failed.returncode != 0 and "config key `cluster.cpu.max_runtime`: job " in failed.text, failed.text[-3000:]
+
+
 def _check_job_resources(jobs) -> list[str]:
     bad = []
     for j in jobs:
