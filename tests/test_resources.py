@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 
 from neuronatlas.activations import dag as activations_dag
 from neuronatlas.clusters import dag as clusters_dag
@@ -193,3 +194,18 @@ def test_preparing_a_hub_model_reads_no_weights_and_a_random_one_holds_float32_c
     random = activations_dag.prepare_resources(cfg, "mistral_random")
     assert hub["mem_mb"] == 2000
     assert random["mem_mb"] == pytest.approx(2000 + 2 * 7.24e9 * 4 / 2**20, abs=1)
+
+
+def test_the_cluster_check_counts_submissions_and_gpu_hours_of_a_grid_that_fits(tmp_path, tokenizers):
+    from neuronatlas import cli
+
+    cfg = helpers.tiny_config(tmp_path, tokenizers, device="cuda")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    shape = {"cpu": {"partition": "cpu", "max_runtime": 60}, "gpu": {"partition": "gpu", "max_runtime": 120, "memory_gb": 16}}
+    plan = cli.plan_on_cluster(str(path), shape)
+    assert plan["fits"], plan.get("error")
+    gpu, cpu = plan["partitions"]["gpu"], plan["partitions"]["cpu"]
+    assert gpu["submissions"] == gpu["gpu_jobs"] > 0 and cpu["gpu_jobs"] == 0 and cpu["submissions"] > 0
+    assert plan["submissions"] == gpu["submissions"] + cpu["submissions"]
+    assert plan["gpu_hours"] == gpu["gpu_hours"] > 0 and gpu["max_runtime_min"] <= 120 and cpu["max_runtime_min"] <= 60
