@@ -285,12 +285,14 @@ def expected_job_counts(cfg: dict) -> dict[str, int]:
         counts["clusters_tables"] = 1
     # modularity: scores per (model, experiment) for the trained model and its twin; a
     # pruning search per (experiment, drop); an overlap per experiment; with MoE on, one MoE clustering per
-    # model and one Lorenz job per experiment
+    # model and one Lorenz job per experiment; one MMLU download per experiment with MMLU subjects
     exps = cfg["modularity"]["experiments"]
     if exps:
         counts["modularity_scores"] = sum(1 + bool(e["random_model"]) for e in exps.values())
         counts["modularity_prune"] = sum(len(e["drops"]) for e in exps.values())
         counts["modularity_overlap"] = len(exps)
+        if any(e["mmlu"]["subjects"] for e in exps.values()):  # the MMLU questions, fetched once per experiment
+            counts["modularity_fetch_mmlu"] = sum(bool(e["mmlu"]["subjects"]) for e in exps.values())
         moe_models = {m for e in exps.values() if e["moe"] for m in (e["model"], e["random_model"]) if m}
         if moe_models:
             counts["modularity_moe"] = len(moe_models)
@@ -431,3 +433,29 @@ def test_no_process_markers_in_code_config_or_docs():
                     if pattern.search(line):
                         found.append(f"{path.relative_to(REPO)}:{number}: {line.strip()[:100]}")
     assert not found, "process markers:\n" + "\n".join(found)
+
+
+def test_the_download_jobs_of_the_paper_grid_are_the_listed_rules_and_targets(tmp_path):
+    """`python -m neuronatlas.cli downloads` lists the outputs of every job of the download rules that reaches the
+    network (hub models, hub datasets, fastText, MMLU); a login node runs exactly those first."""
+    from neuronatlas import cli
+    from neuronatlas.core import config as core_config
+
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["results_dir"] = str(tmp_path / "results")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cfg = core_config.load(path)
+    targets = set(cli.download_targets(cfg))
+    jobs = bench_dag.dry_run(tmp_path, path).jobs
+    produced = {out: j for j in jobs for out in j.outputs}
+    assert targets <= set(produced), sorted(targets - set(produced))
+    assert {produced[t].rule for t in targets} == set(cli.DOWNLOAD_RULES)
+    for job in jobs:
+        if job.rule in cli.DOWNLOAD_RULES and not targets & set(job.outputs):
+            # the only download-rule jobs left out: models prepared without the hub (random twins, packaged, local)
+            assert job.rule == "prepare_model" and cfg["models"][job.wc["model"]]["source"] != "hub", job
+    with_mmlu = [
+        j for j in jobs if j.rule == "modularity_prune" and cfg["modularity"]["experiments"][j.wc["experiment"]]["mmlu"]["subjects"]
+    ]
+    assert with_mmlu and all(any(i.endswith("/mmlu.json") for i in j.inputs) for j in with_mmlu)  # read from the fetched file

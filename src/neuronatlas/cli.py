@@ -61,6 +61,38 @@ def validate(configfile: str) -> int:
     return 0
 
 
+# The rules whose jobs reach the network (hub models, hub datasets, fastText vectors, MMLU); every other job reads
+# only files these (or the user) wrote. A site whose compute nodes are offline runs them first where there is network.
+DOWNLOAD_RULES = ("prepare_model", "shard_corpus", "clusters_fetch_vectors", "modularity_fetch_mmlu")
+
+
+def download_targets(config: dict[str, Any]) -> list[str]:
+    """The outputs of the jobs of a validated config that download: hub models' manifests, hub datasets' corpus
+    manifests, the downloadable word vectors smoothing reads, every experiment's MMLU questions."""
+    from neuronatlas.clusters import dag as clusters_dag
+    from neuronatlas.clusters import vectors
+    from neuronatlas.core import paths
+    from neuronatlas.modularity import dag as modularity_dag
+
+    results = config["results_dir"]
+    out = [paths.model(results, m)["manifest"] for m, spec in config["models"].items() if spec["source"] == "hub"]
+    out += [paths.corpus(results, d)["manifest"] for d, spec in config["datasets"].items() if spec["source"] == "hf"]
+    name = config["representations"]["smoothing"]["vectors"]
+    if clusters_dag.enabled(config) and "smooth" in clusters_dag.variants(config) and name in vectors.DOWNLOADS:
+        out.append(vectors.download_path(results, name))
+    for exp in modularity_dag.experiments(config):
+        out += list(modularity_dag.mmlu_inputs(config, results, exp).values())
+    return out
+
+
+def downloads(configfile: str) -> int:
+    """Print the files whose jobs download, one a line: pass them to `snakemake` on a node with network."""
+    from neuronatlas.core import config as core_config
+
+    print("\n".join(download_targets(core_config.load(configfile))))
+    return 0
+
+
 def plan_on_cluster(configfile: str, cluster: dict[str, Any] | None = None) -> dict[str, Any]:
     """Dry-run a config's whole grid (offline, in an empty folder) with `cluster` as its cluster section: whether every
     job fits its partition, the SLURM submissions and the hours requested per partition (first attempts)."""
@@ -136,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("configfile")
     p.add_argument("--cluster", default=None, help="YAML of the config's `cluster` section (default: the config's own)")
+    p = sub.add_parser("downloads", help="the output files of every job that needs the network (run them first on a login node)")
+    p.add_argument("configfile")
     args = parser.parse_args(argv)
+    if args.cmd == "downloads":
+        return downloads(args.configfile)
     if args.cmd == "summary":
         return summary(args.configfile)
     if args.cmd == "cluster-check":

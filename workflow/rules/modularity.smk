@@ -69,8 +69,27 @@ rule modularity_scores:
         "../scripts/modularity_scores.py"
 
 
+rule modularity_fetch_mmlu:
+    output:
+        modularity_dag.mmlu_file(R, "{experiment}"),
+    log:
+        log_path("modularity_fetch_mmlu", "{experiment}"),
+    benchmark:
+        benchmark_path("modularity_fetch_mmlu", "{experiment}")
+    conda:
+        CPU_ENV
+    threads: 1
+    resources:
+        **job_resources("modularity_fetch_mmlu", lambda wc, input, attempt: estimate.scaled(2000, 30, attempt)),
+    params:
+        fetch=lambda wc: modularity_dag.mmlu_params(config, wc.experiment),
+    script:
+        "../scripts/modularity_fetch_mmlu.py"
+
+
 rule modularity_prune:
     input:
+        unpack(lambda wc: modularity_dag.mmlu_inputs(config, R, wc.experiment)),
         manifest=paths.model(R, "{model}")["manifest"],
         scores=f"{MODULARITY}/scores.h5",
         shards=lambda wc: [
