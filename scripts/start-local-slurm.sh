@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# start-local-slurm.sh - a one-node SLURM cluster on localhost, for tests/test_slurm.py and CI.
+# start-local-slurm.sh - a one-node SLURM cluster on localhost, for tests/test_slurm.py and CI: two partitions
+# like a user's cluster, `cpu` (default) and `gpu` (with fake GPUs: /dev/null copies as GRES devices), each with a
+# time limit; accounting of gres/gpu so that sacct's AllocTRES shows which jobs got a GPU.
 # Adapted from a verified recipe (Debian 12 bookworm: SLURM 22.05.8, munge 0.5.15, MariaDB 10.11);
 # the project carries its own copy so that nothing outside the checkout is needed at run time.
 # Must run as root. Needs neither systemd nor cgroups.
@@ -37,7 +39,9 @@
 #   SMOKE_TEST=1      (default) run one `hostname` job and wait until it is COMPLETED
 #   SLURM_CPUS        default: nproc
 #   SLURM_MEM_MB      default: 85% of the RAM that `slurmd -C` reports
-#   SLURM_PARTITION   default: debug
+#   CPU_MAX_TIME      MaxTime of partition cpu in minutes (default 60)
+#   GPU_MAX_TIME      MaxTime of partition gpu in minutes (default 120)
+#   FAKE_GPUS         GPUs the node advertises (GRES gpu on /dev/null copies: allocated, no device; default 2)
 #   SLURM_LOG_DIR     default: /var/log/slurm-local
 #   READY_TIMEOUT     seconds to wait for each daemon (default 60)
 set -euo pipefail
@@ -47,7 +51,9 @@ WITH_SLURMDBD="${WITH_SLURMDBD:-1}"
 SKIP_INSTALL="${SKIP_INSTALL:-0}"
 USE_CGROUP="${USE_CGROUP:-0}"
 SMOKE_TEST="${SMOKE_TEST:-1}"
-SLURM_PARTITION="${SLURM_PARTITION:-debug}"
+CPU_MAX_TIME="${CPU_MAX_TIME:-60}"
+GPU_MAX_TIME="${GPU_MAX_TIME:-120}"
+FAKE_GPUS="${FAKE_GPUS:-2}"
 SLURM_LOG_DIR="${SLURM_LOG_DIR:-/var/log/slurm-local}"
 READY_TIMEOUT="${READY_TIMEOUT:-60}"
 CLUSTER_NAME="localcluster"
@@ -175,7 +181,9 @@ TaskPlugin=task/none"
     if [ "$WITH_SLURMDBD" = 1 ]; then
         acct_storage="AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
-AccountingStoragePort=6819"
+AccountingStoragePort=6819
+AccountingStorageTRES=gres/gpu
+AccountingStoreFlags=job_comment"
         jobacct="JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=30"
     else
@@ -214,9 +222,20 @@ SlurmctldLogFile=$SLURM_LOG_DIR/slurmctld.log
 SlurmdLogFile=$SLURM_LOG_DIR/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$SLURM_CPUS RealMemory=$SLURM_MEM_MB State=UNKNOWN
-PartitionName=$SLURM_PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+GresTypes=gpu
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$SLURM_CPUS RealMemory=$SLURM_MEM_MB Gres=gpu:$FAKE_GPUS State=UNKNOWN
+PartitionName=cpu Nodes=$NODE Default=YES MaxTime=$CPU_MAX_TIME State=UP
+PartitionName=gpu Nodes=$NODE MaxTime=$GPU_MAX_TIME State=UP
 EOF
+    # fake GPUs: slurmd counts a gpu GRES by its character devices, so copies of /dev/null (1:3) stand in for
+    # /dev/nvidia<i>; SLURM allocates, accounts and exports them (CUDA_VISIBLE_DEVICES) like real ones
+    install -d -m 0755 /var/lib/slurm-fake-gpus
+    local i
+    for i in $(seq 0 $((FAKE_GPUS - 1))); do
+        [ -c "/var/lib/slurm-fake-gpus/nvidia$i" ] || mknod "/var/lib/slurm-fake-gpus/nvidia$i" c 1 3 \
+            || die "mknod failed: this container cannot create the fake GPU devices (FAKE_GPUS=0 to do without)"
+    done
+    echo "NodeName=$NODE Name=gpu File=/var/lib/slurm-fake-gpus/nvidia[0-$((FAKE_GPUS - 1))]" > /etc/slurm/gres.conf
 }
 
 start_mariadb_and_slurmdbd() {

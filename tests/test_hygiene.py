@@ -142,6 +142,29 @@ def test_gpu_rules_request_no_gpu_on_cpu(tmp_path, tokenizers):
             assert not gpu_jobs, f"device cpu, yet these rules request a GPU: {sorted(gpu_jobs)}"
 
 
+def test_jobs_are_routed_by_gpu_and_a_dry_run_stops_at_a_job_beyond_its_time_limit(tmp_path, tokenizers):
+    """config `cluster`: model jobs (gpu > 0) go to the GPU partition with the GPU type; every other job to the CPU
+    partition; a job whose estimate exceeds its partition's time limit fails the dry run, naming the key."""
+    cluster = {"cpu": {"partition": "short", "max_runtime": 600}, "gpu": {"partition": "gpu", "max_runtime": 600, "gpu_model": "a100"}}
+    cfg = helpers.tiny_config(tmp_path, tokenizers, device="cuda", cluster=cluster)
+    path = tmp_path / "tiny-cluster.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = bench_dag.dry_run(tmp_path, path, "--forceall")
+    jobs = [j for j in run.jobs if j.outputs]
+    expected = {True: ("gpu", "a100"), False: ("short", None)}
+    misrouted = [
+        f"{j.rule} {j.wc}: {j.res}"
+        for j in jobs
+        if (j.res.get("slurm_partition"), j.res.get("gpu_model")) != expected[int(j.res.get("gpu", "0") or 0) > 0]
+    ]
+    assert jobs and not misrouted, "\n".join(misrouted[:20])
+    assert {j.rule for j in jobs if j.res.get("slurm_partition") == "gpu"} >= {"extract_activations", "fit_mlm_head"}
+    cfg["cluster"]["cpu"]["max_runtime"] = 5  # below every job's floor of 10 minutes
+    path.write_text(yaml.safe_dump(cfg))
+    failed = bench_dag.dry_run(tmp_path, path, "--forceall", check=False)
+    assert failed.returncode != 0 and "config key `cluster.cpu.max_runtime`: job " in failed.text, failed.text[-3000:]
+
+
 def _check_job_resources(jobs) -> list[str]:
     bad = []
     for j in jobs:
@@ -262,12 +285,14 @@ def expected_job_counts(cfg: dict) -> dict[str, int]:
         counts["clusters_tables"] = 1
     # modularity: scores per (model, experiment) for the trained model and its twin; a
     # pruning search per (experiment, drop); an overlap per experiment; with MoE on, one MoE clustering per
-    # model and one Lorenz job per experiment
+    # model and one Lorenz job per experiment; one MMLU download per experiment with MMLU subjects
     exps = cfg["modularity"]["experiments"]
     if exps:
         counts["modularity_scores"] = sum(1 + bool(e["random_model"]) for e in exps.values())
         counts["modularity_prune"] = sum(len(e["drops"]) for e in exps.values())
         counts["modularity_overlap"] = len(exps)
+        if any(e["mmlu"]["subjects"] for e in exps.values()):  # the MMLU questions, fetched once per experiment
+            counts["modularity_fetch_mmlu"] = sum(bool(e["mmlu"]["subjects"]) for e in exps.values())
         moe_models = {m for e in exps.values() if e["moe"] for m in (e["model"], e["random_model"]) if m}
         if moe_models:
             counts["modularity_moe"] = len(moe_models)
@@ -408,3 +433,29 @@ def test_no_process_markers_in_code_config_or_docs():
                     if pattern.search(line):
                         found.append(f"{path.relative_to(REPO)}:{number}: {line.strip()[:100]}")
     assert not found, "process markers:\n" + "\n".join(found)
+
+
+def test_the_download_jobs_of_the_paper_grid_are_the_listed_rules_and_targets(tmp_path):
+    """`python -m neuronatlas.cli downloads` lists the outputs of every job of the download rules that reaches the
+    network (hub models, hub datasets, fastText, MMLU); a login node runs exactly those first."""
+    from neuronatlas import cli
+    from neuronatlas.core import config as core_config
+
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["results_dir"] = str(tmp_path / "results")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cfg = core_config.load(path)
+    targets = set(cli.download_targets(cfg))
+    jobs = bench_dag.dry_run(tmp_path, path).jobs
+    produced = {out: j for j in jobs for out in j.outputs}
+    assert targets <= set(produced), sorted(targets - set(produced))
+    assert {produced[t].rule for t in targets} == set(cli.DOWNLOAD_RULES)
+    for job in jobs:
+        if job.rule in cli.DOWNLOAD_RULES and not targets & set(job.outputs):
+            # the only download-rule jobs left out: models prepared without the hub (random twins, packaged, local)
+            assert job.rule == "prepare_model" and cfg["models"][job.wc["model"]]["source"] != "hub", job
+    with_mmlu = [
+        j for j in jobs if j.rule == "modularity_prune" and cfg["modularity"]["experiments"][j.wc["experiment"]]["mmlu"]["subjects"]
+    ]
+    assert with_mmlu and all(any(i.endswith("/mmlu.json") for i in j.inputs) for j in with_mmlu)  # read from the fetched file

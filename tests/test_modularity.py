@@ -3,6 +3,8 @@ evaluator against the ablation engine, on synthetic data and tiny seeded models.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -205,6 +207,25 @@ def test_mmlu_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(NeuronAtlasError, match="cannot load MMLU subject 'anatomy'.*remove `mmlu.subjects`"):
         evaluation.load_mmlu("anatomy", path="neuronatlas-test/no-such-mmlu")
+
+
+def test_fetched_mmlu_questions_need_no_network_in_the_pruning_job(tiny_models, tmp_path, monkeypatch):
+    """modularity_fetch_mmlu writes the questions once (on a node with network); the pruning job reads that file, so
+    an unreachable hub (offline, and a path that does not exist) does not matter there."""
+    qs = [{"question": "one two", "choices": ["w", "x", "y", "z"], "answer": i % 4} for i in range(3)]
+    monkeypatch.setattr(evaluation, "load_mmlu", lambda subject, split, max_questions, path, key: qs[:max_questions])
+    section = {"subjects": ["anatomy"], "split": "test", "max_questions": 2, "path": "neuronatlas-test/no-such-mmlu"}
+    out = tmp_path / "mmlu.json"
+    modularity_jobs.modularity_fetch_mmlu({"experiment": "pile", "mmlu": section}, str(out))
+    monkeypatch.undo()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    lm = models.load(tiny_models["gpt2"], "cpu", "float32", head=True)
+    params = {"experiment": "pile", "mmlu": section, "eval": {"batch_size": 2}, "model_spec": {}, "eval_shards": {}}
+    _, extra = evaluation.build_eval_sets(lm, [], params, {}, json.loads(out.read_text()))
+    assert [e.key for e in extra] == ["mmlu-anatomy"] and sum(b.size for b in extra[0].batches) == 2
+    with pytest.raises(NeuronAtlasError, match="cannot load MMLU subject 'anatomy'"):  # what the job would do without the file
+        evaluation.build_eval_sets(lm, [], params, {})
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 
 from neuronatlas.activations import dag as activations_dag
 from neuronatlas.clusters import dag as clusters_dag
@@ -120,3 +121,91 @@ def test_cluster_jobs_read_the_representation_shape(tmp_path):
     guess = clusters_dag.resources(cfg, "tree", "tbert", "fix", "mlp", None)
     assert wide["mem_mb"] > guess["mem_mb"]  # 3,000 tokens on file, far more than the tiny corpus suggests
     assert wide["mem_mb"] >= 800 + 2.2 * 96 * 3000 * 4 / 2**20
+
+
+def _cluster(cfg: dict, **sections) -> dict:
+    cfg = dict(cfg)
+    cfg["cluster"] = {kind: {**cfg["cluster"][kind], **sections.get(kind, {})} for kind in ("cpu", "gpu")}
+    return cfg
+
+
+def test_jobs_go_to_the_partition_of_their_kind_and_ask_for_the_configured_gpu(tmp_path):
+    cfg = _config(tmp_path, device="auto")
+    assert estimate.partition_resources(cfg, gpu=True) == {} == estimate.partition_resources(cfg, gpu=False)  # the profile decides
+    cfg = _cluster(cfg, cpu={"partition": "short"}, gpu={"partition": "gpu", "gpu_model": "a100", "constraint": "a100_80g"})
+    assert estimate.partition_resources(cfg, gpu=False) == {"slurm_partition": "short"}
+    assert estimate.partition_resources(cfg, gpu=True) == {"slurm_partition": "gpu", "gpu_model": "a100", "constraint": "a100_80g"}
+    res = estimate.job_resources(cfg, "extract_activations", True, lambda wc, input, attempt: estimate.scaled(1000, 30, attempt))
+    assert res["slurm_partition"] == "gpu" and res["gpu_model"] == "a100"
+    assert res["mem_mb"]({}, [], 2) == 2000 and res["runtime"]({}, [], 2) == 60
+
+
+def test_runtimes_are_clamped_to_the_time_limit_and_an_estimate_beyond_it_names_the_job(tmp_path):
+    cfg = _cluster(_config(tmp_path), cpu={"max_runtime": 100}, gpu={"max_runtime": 1000})
+    res = estimate.job_resources(cfg, "merge_activations", False, lambda wc, input, attempt: estimate.scaled(1000, 80, attempt))
+    assert res["runtime"]({"model": "bert"}, [], 1) == 80
+    assert res["runtime"]({"model": "bert"}, [], 2) == 100  # the retry asks for more, up to the partition's limit
+    assert res["mem_mb"]({"model": "bert"}, [], 2) == 2000  # memory is not limited by the partition
+    # the same estimate on the GPU partition's longer limit is not clamped
+    gpu_res = estimate.job_resources(cfg, "extract_activations", True, lambda wc, input, attempt: estimate.scaled(1000, 80, attempt))
+    assert gpu_res["runtime"]({}, [], 2) == 160
+    too_long = estimate.job_resources(cfg, "merge_activations", False, lambda wc, input, attempt: estimate.scaled(1000, 150, attempt))
+    with pytest.raises(core_config.ConfigError) as err:
+        too_long["runtime"]({"model": "bert", "dataset": "c4"}, [], 1)
+    text = str(err.value)
+    assert "cluster.cpu.max_runtime" in text and "merge_activations (model=bert, dataset=c4)" in text and "150 min" in text
+
+
+def test_an_extraction_estimate_beyond_the_time_limit_names_the_job(tmp_path):
+    # the extraction estimate of BERT on a CPU for the uncapped files corpus, against a 10-minute partition
+    _short_documents(tmp_path / "corpus", n=200_000, words=40)
+    cfg = _cluster(_config(tmp_path), cpu={"max_runtime": 10})
+    first = activations_dag.extraction_resources(cfg, "bert", "notes_big", 0)["runtime"]
+    assert first > 10
+
+    def extraction(wc, input, attempt):
+        return activations_dag.extraction_resources(cfg, "bert", "notes_big", 0, None, attempt)
+
+    res = estimate.job_resources(cfg, "extract_activations", False, extraction)
+    with pytest.raises(core_config.ConfigError, match=r"extract_activations \(model=bert, dataset=notes_big, shard=0\)"):
+        res["runtime"]({"model": "bert", "dataset": "notes_big", "shard": "0"}, [], 1)
+
+
+def test_gpu_memory_is_checked_in_the_dtype_the_jobs_load(tmp_path):
+    cfg = _config(tmp_path, device="auto")
+    cfg["models"]["mistral"] = {**cfg["models"]["bert"], "id": "mistralai/Mistral-7B-Instruct-v0.2"}
+    cfg = core_config.validate(cfg)
+    # bfloat16 on the GPU under dtype auto: 7.24e9 x 2 bytes = 14.5 GB plus the CUDA context
+    assert estimate.gpu_memory_mb(cfg, "mistral") == pytest.approx(7.24e9 * 2 / 2**20 + estimate.CUDA_CONTEXT_MB)
+    estimate.check_gpu_memory(_cluster(cfg, gpu={"memory_gb": 24}))
+    cfg["models"]["mistral"]["dtype"] = "float32"
+    with pytest.raises(core_config.ConfigError, match=r"cluster.gpu.memory_gb.*'mistral' needs 30\.0 GB"):
+        estimate.check_gpu_memory(_cluster(cfg, gpu={"memory_gb": 24}))
+    cfg["device"] = "cpu"  # nothing runs on a GPU: nothing to check
+    estimate.check_gpu_memory(_cluster(cfg, gpu={"memory_gb": 24}))
+
+
+def test_preparing_a_hub_model_reads_no_weights_and_a_random_one_holds_float32_copies(tmp_path):
+    cfg = _config(tmp_path)
+    cfg["models"]["mistral"] = {**cfg["models"]["bert"], "id": "mistralai/Mistral-7B-Instruct-v0.2"}
+    cfg["models"]["mistral_random"] = {"source": "random", "init_from": "mistral", "sites": ["mlp"], "datasets": ["notes_big"]}
+    cfg = core_config.validate(cfg)
+    hub = activations_dag.prepare_resources(cfg, "mistral")
+    random = activations_dag.prepare_resources(cfg, "mistral_random")
+    assert hub["mem_mb"] == 2000
+    assert random["mem_mb"] == pytest.approx(2000 + 2 * 7.24e9 * 4 / 2**20, abs=1)
+
+
+def test_the_cluster_check_counts_submissions_and_gpu_hours_of_a_grid_that_fits(tmp_path, tokenizers):
+    from neuronatlas import cli
+
+    cfg = helpers.tiny_config(tmp_path, tokenizers, device="cuda")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    shape = {"cpu": {"partition": "cpu", "max_runtime": 60}, "gpu": {"partition": "gpu", "max_runtime": 120, "memory_gb": 16}}
+    plan = cli.plan_on_cluster(str(path), shape)
+    assert plan["fits"], plan.get("error")
+    gpu, cpu = plan["partitions"]["gpu"], plan["partitions"]["cpu"]
+    assert gpu["submissions"] == gpu["gpu_jobs"] > 0 and cpu["gpu_jobs"] == 0 and cpu["submissions"] > 0
+    assert plan["submissions"] == gpu["submissions"] + cpu["submissions"]
+    assert plan["gpu_hours"] == gpu["gpu_hours"] > 0 and gpu["max_runtime_min"] <= 120 and cpu["max_runtime_min"] <= 60

@@ -2,9 +2,11 @@
 
 The cluster (slurmctld, slurmd, munge, slurmdbd + MariaDB, so that `sacct` works) is started on localhost by
 scripts/start-local-slurm.sh, which needs root on Debian with apt (or the packages already installed); the
-test skips, saying why, anywhere else (NEURONATLAS_SLURM_TEST=0 skips it too). Checks: every job went
-through SLURM and `sacct` shows it COMPLETED; the outputs equal the local run's (tiny_dag); a job that fails
-under SLURM surfaces its log path and its exit state.
+test skips, saying why, anywhere else (NEURONATLAS_SLURM_TEST=0 skips it too). It has two partitions like a user's
+cluster, `cpu` and `gpu` (fake GPUs), with time limits. Checks: every job went through SLURM and `sacct` shows it
+COMPLETED; model jobs ran on the gpu partition with a GPU allocated, the others on the cpu partition without; the
+outputs equal the local run's (tiny_dag); a job that fails under SLURM surfaces its log path and its exit state; a
+GPU job that sees no CUDA stops naming the node and torch build.
 
 It submits the activation branch of the tiny DAG (corpora, both text models, extraction per shard, merge:
 16 SLURM jobs), not the whole DAG: every further job costs ~3 s of start-up on the 2 CI cores plus a status
@@ -24,10 +26,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from neuronatlas.bench import dag as bench_dag
-from neuronatlas.core import store
+from neuronatlas.core import models, store
 
 import helpers
 
@@ -90,11 +93,14 @@ def cluster():
         subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, text=True, timeout=300)
 
 
-def _site_profile(tmp: Path, cluster: dict, work: Path, gpu_rules: set[str]) -> Path:
-    """profiles/slurm adapted to this site, as profiles/README.md tells a user to do (this node has no GPU)."""
+# the local cluster's partitions (scripts/start-local-slurm.sh): MaxTime in minutes, the gpu one with fake GPUs
+CLUSTER_SHAPE = {"cpu": {"partition": "cpu", "max_runtime": 60}, "gpu": {"partition": "gpu", "max_runtime": 120}}
+
+
+def _site_profile(tmp: Path, cluster: dict, work: Path) -> Path:
+    """profiles/slurm adapted to this site, as profiles/README.md tells a user to do (partitions: the config's cluster)."""
     prof = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
     prof["default-resources"].update(slurm_partition=cluster["partition"], slurm_account=cluster["account"])
-    prof["set-resources"] = {rule: {"gpu": 0} for rule in sorted(gpu_rules)}
     prof.update(
         {
             "jobs": 4,
@@ -110,7 +116,9 @@ def _site_profile(tmp: Path, cluster: dict, work: Path, gpu_rules: set[str]) -> 
     return out
 
 
-def _run(work: Path, profile: Path, *args: str) -> tuple[subprocess.CompletedProcess, float]:
+def _run(work: Path, profile: Path, *args: str, fallback: bool = True) -> tuple[subprocess.CompletedProcess, float]:
+    """A Snakemake run through SLURM; `fallback`: the fake GPUs' jobs run on the CPU (sbatch passes the variable on).
+    Targets go before options that take lists (`--forcerun`), which would take them as rules."""
     cmd = [
         "timeout",
         "-k",
@@ -129,8 +137,11 @@ def _run(work: Path, profile: Path, *args: str) -> tuple[subprocess.CompletedPro
         str(profile),
         *args,
     ]
+    env = {k: v for k, v in os.environ.items() if k != models.CPU_FALLBACK_VARIABLE}
+    if fallback:
+        env[models.CPU_FALLBACK_VARIABLE] = "1"
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work, env=env)
     return proc, time.perf_counter() - t0
 
 
@@ -142,6 +153,17 @@ def _sacct(run_id: str) -> dict[str, tuple[str, str]]:
         check=True,
     ).stdout
     return {row.split("|")[0]: (row.split("|")[1], row.split("|")[2]) for row in out.splitlines() if row.strip()}
+
+
+def _placement(run_id: str) -> dict[str, tuple[str, str, str]]:
+    """SLURM job id -> (partition, AllocTRES, comment: `rule_<rule>_wildcards_...`) of a run's jobs."""
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", f"--name={run_id}", "-S", "now-1days", "-o", "JobID,Partition,AllocTRES,Comment"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {row.split("|")[0]: tuple(row.split("|")[1:4]) for row in out.splitlines() if row.strip()}
 
 
 def _wait_sacct(run_id: str, ids: set[str], final: set[str], timeout: float = 120) -> dict[str, tuple[str, str]]:
@@ -195,6 +217,7 @@ def test_tiny_dag_through_slurm_equals_local_run(cluster, tiny_dag, tmp_path, to
     work = tmp_path / "work"
     work.mkdir()
     cfg = helpers.tiny_config(work, tokenizers)  # the local run's config (device auto), other results_dir
+    cfg["cluster"] = CLUSTER_SHAPE
     (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     R = Path(cfg["results_dir"])
     targets = [
@@ -203,9 +226,11 @@ def test_tiny_dag_through_slurm_equals_local_run(cluster, tiny_dag, tmp_path, to
         for d in cfg["models"][m]["datasets"]
         for s in cfg["models"][m]["sites"]
     ]
-    # device auto makes model jobs request a GPU; this node has none, so the site profile sets gpu: 0 for them
-    gpu_rules = {j.rule for j in bench_dag.dry_run(work, work / "tiny.yaml", *targets).jobs if j.res.get("gpu", "0") not in ("", "0")}
-    profile = _site_profile(tmp_path, cluster, work, gpu_rules)
+    # device auto makes model jobs request a GPU: they go to the gpu partition and get a fake one
+    planned = bench_dag.dry_run(work, work / "tiny.yaml", *targets).jobs
+    gpu_rules = {j.rule for j in planned if j.res.get("gpu", "0") not in ("", "0")}
+    assert "extract_activations" in gpu_rules, gpu_rules
+    profile = _site_profile(tmp_path, cluster, work)
 
     proc, seconds = _run(work, profile, *targets)
     text = proc.stdout + proc.stderr
@@ -220,6 +245,16 @@ def test_tiny_dag_through_slurm_equals_local_run(cluster, tiny_dag, tmp_path, to
     assert not bad, f"sacct does not show every job COMPLETED: {bad}"
     print(f"\nSLURM run: {len(submitted)} jobs, {seconds:.1f} s (cluster start {cluster['start_s']:.1f} s)")
 
+    # model jobs landed on the gpu partition with a GPU allocated; every other job on the cpu partition without one
+    rules = {j.rule for j in planned}
+    placed = {}
+    for partition, tres, comment in _placement(run_id).values():
+        rule = next((r for r in rules if comment == f"rule_{r}" or comment.startswith(f"rule_{r}_wildcards_")), comment)
+        placed.setdefault(rule, set()).add((partition, "gres/gpu=" in tres))
+    assert placed.keys() == {j.rule for j in remote}, placed
+    wrong = {r: p for r, p in placed.items() if p != {("gpu", True) if r in gpu_rules else ("cpu", False)}}
+    assert not wrong, f"jobs on the wrong partition or GPU allocation (rule: {{(partition, gres/gpu)}}): {wrong}"
+
     diffs = _compare_results(Path(cfg["results_dir"]), Path(local_cfg["results_dir"]))
     assert not diffs, "SLURM outputs differ from the local run:\n" + "\n".join(diffs)
 
@@ -227,7 +262,7 @@ def test_tiny_dag_through_slurm_equals_local_run(cluster, tiny_dag, tmp_path, to
     shard = R / "corpora" / "notes" / "shards" / "shard-0.parquet"
     shard.write_bytes(b"not a parquet file")
     target = R / "tgpt" / "notes" / "mlp" / "activations" / "stats.h5"
-    proc, seconds = _run(work, profile, "--forcerun", "extract_activations", str(target))
+    proc, seconds = _run(work, profile, str(target), "--forcerun", "extract_activations")
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0, text[-4000:]
     rule_log = R / "logs" / "extract_activations" / "tgpt" / "notes" / "shard-0.log"
@@ -241,3 +276,10 @@ def test_tiny_dag_through_slurm_equals_local_run(cluster, tiny_dag, tmp_path, to
     assert slurm_log is not None and str(slurm_log) in text, "the SLURM log of the failed job is not reported"
     states = _wait_sacct(re.search(r"SLURM run ID: (\S+)", text).group(1), {job_id}, {"FAILED"})
     assert states[job_id][0] == "FAILED" and states[job_id][1] != "0:0", states
+
+    # a GPU job that cannot see CUDA (the fake GPUs, without the fallback) stops at once, naming node and torch build
+    proc, seconds = _run(work, profile, str(target), "--forcerun", "extract_activations", fallback=False)  # model load comes first
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-4000:]
+    assert "this job was given a GPU (" in text and "torch sees no CUDA device on node" in text, text[-6000:]
+    assert torch.__version__ in text, text[-6000:]

@@ -22,8 +22,10 @@ rule shard_corpus:
         CPU_ENV
     threads: 1
     resources:
-        mem_mb=lambda wc, attempt: activations_dag.shard_corpus_resources(config, wc.dataset, attempt)["mem_mb"],
-        runtime=lambda wc, attempt: activations_dag.shard_corpus_resources(config, wc.dataset, attempt)["runtime"],
+        **job_resources(
+            "shard_corpus",
+            lambda wc, input, attempt: activations_dag.shard_corpus_resources(config, wc.dataset, attempt),
+        ),
     params:
         corpus=lambda wc: activations_dag.shard_params(config, wc.dataset),
     script:
@@ -44,8 +46,10 @@ rule prepare_model:
         CPU_ENV
     threads: 1
     resources:
-        mem_mb=lambda wc, attempt: activations_dag.prepare_resources(config, wc.model, attempt)["mem_mb"],
-        runtime=lambda wc, attempt: activations_dag.prepare_resources(config, wc.model, attempt)["runtime"],
+        **job_resources(
+            "prepare_model",
+            lambda wc, input, attempt: activations_dag.prepare_resources(config, wc.model, attempt),
+        ),
     params:
         model=lambda wc: core_config.model_params(config, wc.model),
     script:
@@ -66,8 +70,10 @@ rule fit_mlm_head:
         MODEL_ENV
     threads: config["threads"]
     resources:
-        mem_mb=lambda wc, input, attempt: activations_dag.head_resources(config, wc.model, input, attempt)["mem_mb"],
-        runtime=lambda wc, input, attempt: activations_dag.head_resources(config, wc.model, input, attempt)["runtime"],
+        **model_job_resources(
+            "fit_mlm_head",
+            lambda wc, input, attempt: activations_dag.head_resources(config, wc.model, input, attempt),
+        ),
         gpu=GPUS,
     params:
         fit=lambda wc: activations_dag.head_params(config, wc.model),
@@ -95,12 +101,12 @@ rule extract_activations:
         MODEL_ENV
     threads: config["threads"]
     resources:
-        mem_mb=lambda wc, input, attempt: activations_dag.extraction_resources(
-            config, wc.model, wc.dataset, wc.shard, input, attempt
-        )["mem_mb"],
-        runtime=lambda wc, input, attempt: activations_dag.extraction_resources(
-            config, wc.model, wc.dataset, wc.shard, input, attempt
-        )["runtime"],
+        **model_job_resources(
+            "extract_activations",
+            lambda wc, input, attempt: activations_dag.extraction_resources(
+                config, wc.model, wc.dataset, wc.shard, input, attempt
+            ),
+        ),
         gpu=GPUS,
     params:
         extraction=lambda wc: activations_dag.extraction_params(config, wc.model),
@@ -122,12 +128,12 @@ rule merge_activations:
         CPU_ENV
     threads: 1
     resources:
-        mem_mb=lambda wc, input, attempt: activations_dag.merge_resources(
-            config, wc.model, wc.dataset, wc.site, input, attempt
-        )["mem_mb"],
-        runtime=lambda wc, input, attempt: activations_dag.merge_resources(
-            config, wc.model, wc.dataset, wc.site, input, attempt
-        )["runtime"],
+        **job_resources(
+            "merge_activations",
+            lambda wc, input, attempt: activations_dag.merge_resources(
+                config, wc.model, wc.dataset, wc.site, input, attempt
+            ),
+        ),
     params:
         merge=lambda wc: activations_dag.merge_params(config, wc.dataset),
     script:
@@ -153,10 +159,10 @@ rule summarize_activations:
         CPU_ENV
     threads: 1
     resources:
-        mem_mb=lambda wc, attempt: activations_dag.summarize_resources(len(core_config.grid(config)), attempt)["mem_mb"],
-        runtime=lambda wc, attempt: activations_dag.summarize_resources(len(core_config.grid(config)), attempt)[
-            "runtime"
-        ],
+        **job_resources(
+            "summarize_activations",
+            lambda wc, input, attempt: activations_dag.summarize_resources(len(core_config.grid(config)), attempt),
+        ),
     params:
         grid=[{"model": m, "dataset": d, "site": s} for m, d, s in core_config.grid(config)],
     script:

@@ -23,12 +23,10 @@ rule atlas_examples:
         MODEL_ENV
     threads: config["threads"]
     resources:
-        mem_mb=lambda wc, input, attempt: atlas_dag.examples_resources(config, wc.model, wc.dataset, input, attempt)[
-            "mem_mb"
-        ],
-        runtime=lambda wc, input, attempt: atlas_dag.examples_resources(config, wc.model, wc.dataset, input, attempt)[
-            "runtime"
-        ],
+        **model_job_resources(
+            "atlas_examples",
+            lambda wc, input, attempt: atlas_dag.examples_resources(config, wc.model, wc.dataset, input, attempt),
+        ),
         gpu=GPUS,
     params:
         atlas=lambda wc: atlas_dag.examples_params(config, wc.model, wc.dataset),
@@ -49,12 +47,10 @@ rule atlas_site:
         CPU_ENV
     threads: 1
     resources:
-        mem_mb=lambda wc, input, attempt: atlas_dag.site_resources(
-            config, wc.model, wc.dataset, wc.site, input, attempt
-        )["mem_mb"],
-        runtime=lambda wc, input, attempt: atlas_dag.site_resources(
-            config, wc.model, wc.dataset, wc.site, input, attempt
-        )["runtime"],
+        **job_resources(
+            "atlas_site",
+            lambda wc, input, attempt: atlas_dag.site_resources(config, wc.model, wc.dataset, wc.site, input, attempt),
+        ),
     params:
         atlas=lambda wc: atlas_dag.site_params(config, wc.model, wc.dataset, wc.site),
         inputs=lambda wc: atlas_dag.site_inputs(config, wc.model, wc.dataset, wc.site),
@@ -75,8 +71,7 @@ rule atlas_index:
         CPU_ENV
     threads: 1
     resources:
-        mem_mb=lambda wc, attempt: estimate.scaled(1000, 5, attempt)["mem_mb"],
-        runtime=lambda wc, attempt: estimate.scaled(1000, 5, attempt)["runtime"],
+        **job_resources("atlas_index", lambda wc, input, attempt: estimate.scaled(1000, 5, attempt)),
     params:
         atlas=atlas_dag.index_params(config),
         inputs=atlas_dag.index_inputs(config),

@@ -29,8 +29,7 @@ rule clusters_fetch_vectors:
         CPU_ENV
     threads: 1
     resources:
-        mem_mb=lambda wc, attempt: estimate.scaled(1000, 120, attempt)["mem_mb"],
-        runtime=lambda wc, attempt: estimate.scaled(1000, 120, attempt)["runtime"],
+        **job_resources("clusters_fetch_vectors", lambda wc, input, attempt: estimate.scaled(1000, 120, attempt)),
     params:
         url=lambda wc: vectors.DOWNLOADS[wc.name],
     script:
@@ -50,12 +49,12 @@ rule clusters_representation:
         CPU_ENV
     threads: 1
     resources:
-        mem_mb=lambda wc, attempt: clusters_dag.resources(
-            config, "representation", wc.model, wc.dataset, wc.site, None, attempt
-        )["mem_mb"],
-        runtime=lambda wc, attempt: clusters_dag.resources(
-            config, "representation", wc.model, wc.dataset, wc.site, None, attempt
-        )["runtime"],
+        **job_resources(
+            "clusters_representation",
+            lambda wc, input, attempt: clusters_dag.resources(
+                config, "representation", wc.model, wc.dataset, wc.site, None, attempt
+            ),
+        ),
     params:
         representation=lambda wc: clusters_dag.representation_params(config, wc.dataset, wc.variant),
     script:
@@ -75,12 +74,12 @@ rule clusters_tree:
         CPU_ENV
     threads: config["threads"]
     resources:
-        mem_mb=lambda wc, input, attempt: clusters_dag.resources(
-            config, "tree", wc.model, wc.dataset, wc.site, input.representation, attempt
-        )["mem_mb"],
-        runtime=lambda wc, input, attempt: clusters_dag.resources(
-            config, "tree", wc.model, wc.dataset, wc.site, input.representation, attempt
-        )["runtime"],
+        **job_resources(
+            "clusters_tree",
+            lambda wc, input, attempt: clusters_dag.resources(
+                config, "tree", wc.model, wc.dataset, wc.site, input.representation, attempt
+            ),
+        ),
     params:
         tree=clusters_dag.tree_params(config),
     script:
@@ -101,12 +100,12 @@ rule clusters_cut:
         CPU_ENV
     threads: 1
     resources:
-        mem_mb=lambda wc, input, attempt: clusters_dag.resources(
-            config, "cut", wc.model, wc.dataset, wc.site, input.representation, attempt
-        )["mem_mb"],
-        runtime=lambda wc, input, attempt: clusters_dag.resources(
-            config, "cut", wc.model, wc.dataset, wc.site, input.representation, attempt
-        )["runtime"],
+        **job_resources(
+            "clusters_cut",
+            lambda wc, input, attempt: clusters_dag.resources(
+                config, "cut", wc.model, wc.dataset, wc.site, input.representation, attempt
+            ),
+        ),
     params:
         cut=clusters_dag.cut_params(config),
     script:
@@ -133,12 +132,12 @@ rule clusters_sweep:
         CPU_ENV
     threads: config["threads"]
     resources:
-        mem_mb=lambda wc, input, attempt: clusters_dag.resources(
-            config, "sweep", wc.model, wc.dataset, wc.site, input.representations[0], attempt
-        )["mem_mb"],
-        runtime=lambda wc, input, attempt: clusters_dag.resources(
-            config, "sweep", wc.model, wc.dataset, wc.site, input.representations[0], attempt
-        )["runtime"],
+        **job_resources(
+            "clusters_sweep",
+            lambda wc, input, attempt: clusters_dag.resources(
+                config, "sweep", wc.model, wc.dataset, wc.site, input.representations[0], attempt
+            ),
+        ),
     params:
         sweep={"ks": clusters_dag.sweep_ks(config), "variants": clusters_dag.variants(config)},
     script:
@@ -163,12 +162,12 @@ rule clusters_bootstrap:
         CPU_ENV
     threads: config["threads"]
     resources:
-        mem_mb=lambda wc, attempt: clusters_dag.resources(
-            config, "bootstrap", wc.model, wc.dataset, wc.site, None, attempt
-        )["mem_mb"],
-        runtime=lambda wc, attempt: clusters_dag.resources(
-            config, "bootstrap", wc.model, wc.dataset, wc.site, None, attempt
-        )["runtime"],
+        **job_resources(
+            "clusters_bootstrap",
+            lambda wc, input, attempt: clusters_dag.resources(
+                config, "bootstrap", wc.model, wc.dataset, wc.site, None, attempt
+            ),
+        ),
     params:
         bootstrap=lambda wc: clusters_dag.bootstrap_params(config, wc.dataset),
     script:
@@ -197,12 +196,12 @@ rule clusters_figures:
         CPU_ENV
     threads: 1
     resources:
-        mem_mb=lambda wc, attempt: clusters_dag.resources(
-            config, "figures", wc.model, wc.dataset, wc.site, None, attempt
-        )["mem_mb"],
-        runtime=lambda wc, attempt: clusters_dag.resources(
-            config, "figures", wc.model, wc.dataset, wc.site, None, attempt
-        )["runtime"],
+        **job_resources(
+            "clusters_figures",
+            lambda wc, input, attempt: clusters_dag.resources(
+                config, "figures", wc.model, wc.dataset, wc.site, None, attempt
+            ),
+        ),
     params:
         figures=lambda wc: clusters_dag.figure_params(config, wc.model, wc.dataset, wc.site),
     script:
@@ -235,8 +234,10 @@ rule clusters_tables:
         CPU_ENV
     threads: 1
     resources:
-        mem_mb=lambda wc, attempt: clusters_dag.resources(config, "tables", "", "", "", None, attempt)["mem_mb"],
-        runtime=lambda wc, attempt: clusters_dag.resources(config, "tables", "", "", "", None, attempt)["runtime"],
+        **job_resources(
+            "clusters_tables",
+            lambda wc, input, attempt: clusters_dag.resources(config, "tables", "", "", "", None, attempt),
+        ),
     params:
         tables=clusters_dag.table_params(config),
         inputs=clusters_dag.table_inputs(config),

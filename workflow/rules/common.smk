@@ -51,3 +51,19 @@ def log_path(rule, name):
 def benchmark_path(rule, name):
     """The benchmark file of one job."""
     return paths.job_files(R, rule, name)["benchmark"]
+
+
+# Resources of every rule: mem_mb and runtime from the rule's estimate (neuronatlas.<method>.dag), the runtime
+# clamped to its partition's time limit, and the partition (and GPU) of config `cluster`. A model job goes to the
+# GPU partition whenever it requests a GPU (USE_GPU); every other job to the CPU partition.
+estimate.check_gpu_memory(config)
+
+
+def job_resources(rule, estimate_fn):
+    """mem_mb, runtime and partition of jobs that need no GPU; `estimate_fn(wc, input, attempt)` gives the first two."""
+    return estimate.job_resources(config, rule, False, estimate_fn)
+
+
+def model_job_resources(rule, estimate_fn):
+    """mem_mb, runtime, partition and GPU type of the jobs of a model's forward passes (they request GPUS)."""
+    return estimate.job_resources(config, rule, USE_GPU, estimate_fn)

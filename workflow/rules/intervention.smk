@@ -23,10 +23,10 @@ rule intervention_ablate:
         MODEL_ENV
     threads: config["threads"]
     resources:
-        mem_mb=lambda wc, input, attempt: intervention_dag.ablate_resources(config, wc.model, input, attempt)["mem_mb"],
-        runtime=lambda wc, input, attempt: intervention_dag.ablate_resources(config, wc.model, input, attempt)[
-            "runtime"
-        ],
+        **model_job_resources(
+            "intervention_ablate",
+            lambda wc, input, attempt: intervention_dag.ablate_resources(config, wc.model, input, attempt),
+        ),
         gpu=GPUS,
     params:
         ablation=lambda wc: intervention_dag.ablate_params(config, wc.model, wc.dataset, wc.site),
@@ -72,8 +72,7 @@ rule intervention_table:
         CPU_ENV
     threads: 1
     resources:
-        mem_mb=lambda wc, attempt: estimate.scaled(1000, 10, attempt)["mem_mb"],
-        runtime=lambda wc, attempt: estimate.scaled(1000, 10, attempt)["runtime"],
+        **job_resources("intervention_table", lambda wc, input, attempt: estimate.scaled(1000, 10, attempt)),
     params:
         table=intervention_dag.table_params(config),
     script:

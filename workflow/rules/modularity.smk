@@ -34,8 +34,10 @@ rule modularity_train:
         MODEL_ENV
     threads: config["threads"]
     resources:
-        mem_mb=lambda wc, attempt: modularity_dag.train_resources(config, wc.model, attempt)["mem_mb"],
-        runtime=lambda wc, attempt: modularity_dag.train_resources(config, wc.model, attempt)["runtime"],
+        **model_job_resources(
+            "modularity_train",
+            lambda wc, input, attempt: modularity_dag.train_resources(config, wc.model, attempt),
+        ),
         gpu=GPUS,
     params:
         model=lambda wc: modularity_dag.train_params(config, wc.model),
@@ -59,8 +61,7 @@ rule modularity_scores:
         CPU_ENV
     threads: 1
     resources:
-        mem_mb=lambda wc, attempt: estimate.scaled(4000, 10, attempt)["mem_mb"],
-        runtime=lambda wc, attempt: estimate.scaled(4000, 10, attempt)["runtime"],
+        **job_resources("modularity_scores", lambda wc, input, attempt: estimate.scaled(4000, 10, attempt)),
     params:
         scores=lambda wc: modularity_dag.scores_params(config, wc.model, wc.experiment),
         datasets=lambda wc: modularity_dag.datasets(config, wc.experiment),
@@ -68,8 +69,27 @@ rule modularity_scores:
         "../scripts/modularity_scores.py"
 
 
+rule modularity_fetch_mmlu:
+    output:
+        modularity_dag.mmlu_file(R, "{experiment}"),
+    log:
+        log_path("modularity_fetch_mmlu", "{experiment}"),
+    benchmark:
+        benchmark_path("modularity_fetch_mmlu", "{experiment}")
+    conda:
+        CPU_ENV
+    threads: 1
+    resources:
+        **job_resources("modularity_fetch_mmlu", lambda wc, input, attempt: estimate.scaled(2000, 30, attempt)),
+    params:
+        fetch=lambda wc: modularity_dag.mmlu_params(config, wc.experiment),
+    script:
+        "../scripts/modularity_fetch_mmlu.py"
+
+
 rule modularity_prune:
     input:
+        unpack(lambda wc: modularity_dag.mmlu_inputs(config, R, wc.experiment)),
         manifest=paths.model(R, "{model}")["manifest"],
         scores=f"{MODULARITY}/scores.h5",
         shards=lambda wc: [
@@ -109,12 +129,10 @@ rule modularity_prune:
         MODEL_ENV
     threads: config["threads"]
     resources:
-        mem_mb=lambda wc, input, attempt: modularity_dag.prune_resources(config, wc.experiment, input, attempt)[
-            "mem_mb"
-        ],
-        runtime=lambda wc, input, attempt: modularity_dag.prune_resources(config, wc.experiment, input, attempt)[
-            "runtime"
-        ],
+        **model_job_resources(
+            "modularity_prune",
+            lambda wc, input, attempt: modularity_dag.prune_resources(config, wc.experiment, input, attempt),
+        ),
         gpu=GPUS,
     params:
         prune=lambda wc: {**modularity_dag.eval_params(config, wc.experiment), "drop": float(wc.drop) / 100},
@@ -150,8 +168,7 @@ rule modularity_overlap:
         CPU_ENV
     threads: 1
     resources:
-        mem_mb=lambda wc, attempt: estimate.scaled(4000, 10, attempt)["mem_mb"],
-        runtime=lambda wc, attempt: estimate.scaled(4000, 10, attempt)["runtime"],
+        **job_resources("modularity_overlap", lambda wc, input, attempt: estimate.scaled(4000, 10, attempt)),
     params:
         overlap=lambda wc: modularity_dag.overlap_params(config, wc.experiment),
     script:
@@ -174,8 +191,9 @@ rule modularity_moe:
         CPU_ENV
     threads: config["threads"]
     resources:
-        mem_mb=lambda wc, attempt: modularity_dag.moe_resources(config, wc.model, attempt)["mem_mb"],
-        runtime=lambda wc, attempt: modularity_dag.moe_resources(config, wc.model, attempt)["runtime"],
+        **job_resources(
+            "modularity_moe", lambda wc, input, attempt: modularity_dag.moe_resources(config, wc.model, attempt)
+        ),
     params:
         moe=lambda wc: modularity_dag.moe_params(config, wc.model),
     script:
@@ -209,8 +227,7 @@ rule modularity_lorenz:
         CPU_ENV
     threads: 1
     resources:
-        mem_mb=lambda wc, attempt: estimate.scaled(4000, 20, attempt)["mem_mb"],
-        runtime=lambda wc, attempt: estimate.scaled(4000, 20, attempt)["runtime"],
+        **job_resources("modularity_lorenz", lambda wc, input, attempt: estimate.scaled(4000, 20, attempt)),
     params:
         lorenz=lambda wc: modularity_dag.lorenz_params(config, wc.experiment),
     script:

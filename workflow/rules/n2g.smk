@@ -32,8 +32,9 @@ rule n2g_layer:
         MODEL_ENV
     threads: config["threads"]
     resources:
-        mem_mb=lambda wc, input, attempt: n2g_dag.layer_resources(config, wc.model, input, attempt)["mem_mb"],
-        runtime=lambda wc, input, attempt: n2g_dag.layer_resources(config, wc.model, input, attempt)["runtime"],
+        **model_job_resources(
+            "n2g_layer", lambda wc, input, attempt: n2g_dag.layer_resources(config, wc.model, input, attempt)
+        ),
         gpu=GPUS,
     params:
         n2g=lambda wc: n2g_dag.n2g_params(config, wc.model, wc.dataset),
@@ -68,8 +69,7 @@ rule n2g_table:
         CPU_ENV
     threads: 1
     resources:
-        mem_mb=lambda wc, attempt: estimate.scaled(1500, 10, attempt)["mem_mb"],
-        runtime=lambda wc, attempt: estimate.scaled(1500, 10, attempt)["runtime"],
+        **job_resources("n2g_table", lambda wc, input, attempt: estimate.scaled(1500, 10, attempt)),
     params:
         table=n2g_dag.table_params(config),
     script:
@@ -104,12 +104,10 @@ rule n2g_feature_clusters:
         MODEL_ENV
     threads: config["threads"]
     resources:
-        mem_mb=lambda wc, input, attempt: n2g_dag.feature_cluster_resources(
-            config, wc.model, input, attempt, wc.dataset
-        )["mem_mb"],
-        runtime=lambda wc, input, attempt: n2g_dag.feature_cluster_resources(
-            config, wc.model, input, attempt, wc.dataset
-        )["runtime"],
+        **model_job_resources(
+            "n2g_feature_clusters",
+            lambda wc, input, attempt: n2g_dag.feature_cluster_resources(config, wc.model, input, attempt, wc.dataset),
+        ),
         gpu=GPUS,
     params:
         feature_clusters=lambda wc: n2g_dag.fc_params(config, wc.model, wc.dataset),

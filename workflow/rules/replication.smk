@@ -26,8 +26,7 @@ rule replication_claims:
         CPU_ENV
     threads: 1
     resources:
-        mem_mb=lambda wc, attempt: estimate.scaled(2000, 10, attempt)["mem_mb"],
-        runtime=lambda wc, attempt: estimate.scaled(2000, 10, attempt)["runtime"],
+        **job_resources("replication_claims", lambda wc, input, attempt: estimate.scaled(2000, 10, attempt)),
     params:
         claims=replication_dag.params(config),
         inputs=replication_dag.inputs(config),

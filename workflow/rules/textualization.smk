@@ -24,12 +24,10 @@ rule textualization_scan:
         MODEL_ENV
     threads: config["threads"]
     resources:
-        mem_mb=lambda wc, input, attempt: textualization_dag.resources(config, wc.model, "scan", input, attempt)[
-            "mem_mb"
-        ],
-        runtime=lambda wc, input, attempt: textualization_dag.resources(config, wc.model, "scan", input, attempt)[
-            "runtime"
-        ],
+        **model_job_resources(
+            "textualization_scan",
+            lambda wc, input, attempt: textualization_dag.resources(config, wc.model, "scan", input, attempt),
+        ),
         gpu=GPUS,
     params:
         scan=lambda wc: textualization_dag.scan_params(config, wc.model),
@@ -51,12 +49,10 @@ rule textualization_targets:
         CPU_ENV
     threads: 1
     resources:
-        mem_mb=lambda wc, input, attempt: textualization_dag.resources(config, wc.model, "targets", input, attempt)[
-            "mem_mb"
-        ],
-        runtime=lambda wc, input, attempt: textualization_dag.resources(config, wc.model, "targets", input, attempt)[
-            "runtime"
-        ],
+        **job_resources(
+            "textualization_targets",
+            lambda wc, input, attempt: textualization_dag.resources(config, wc.model, "targets", input, attempt),
+        ),
     params:
         targets=lambda wc: textualization_dag.targets_params(config, wc.model),
     script:
@@ -77,12 +73,10 @@ rule textualization_single:
         MODEL_ENV
     threads: config["threads"]
     resources:
-        mem_mb=lambda wc, input, attempt: textualization_dag.resources(config, wc.model, "single", input, attempt)[
-            "mem_mb"
-        ],
-        runtime=lambda wc, input, attempt: textualization_dag.resources(config, wc.model, "single", input, attempt)[
-            "runtime"
-        ],
+        **model_job_resources(
+            "textualization_single",
+            lambda wc, input, attempt: textualization_dag.resources(config, wc.model, "single", input, attempt),
+        ),
         gpu=GPUS,
     params:
         single=lambda wc: textualization_dag.single_params(config, wc.model),
@@ -105,12 +99,10 @@ rule textualization_group:
         MODEL_ENV
     threads: config["threads"]
     resources:
-        mem_mb=lambda wc, input, attempt: textualization_dag.resources(config, wc.model, "group", input, attempt)[
-            "mem_mb"
-        ],
-        runtime=lambda wc, input, attempt: textualization_dag.resources(config, wc.model, "group", input, attempt)[
-            "runtime"
-        ],
+        **model_job_resources(
+            "textualization_group",
+            lambda wc, input, attempt: textualization_dag.resources(config, wc.model, "group", input, attempt),
+        ),
         gpu=GPUS,
     params:
         group=lambda wc: textualization_dag.group_params(config, wc.model),
@@ -156,12 +148,10 @@ if textualization_dag.has_tables(config):
             CPU_ENV
         threads: 1
         resources:
-            mem_mb=lambda wc, input, attempt: textualization_dag.resources(config, wc.model, "tables", input, attempt)[
-                "mem_mb"
-            ],
-            runtime=lambda wc, input, attempt: textualization_dag.resources(
-                config, wc.model, "tables", input, attempt
-            )["runtime"],
+            **job_resources(
+                "textualization_tables",
+                lambda wc, input, attempt: textualization_dag.resources(config, wc.model, "tables", input, attempt),
+            ),
         params:
             tables=lambda wc: textualization_dag.tables_params(config, wc.model),
         script:

@@ -147,9 +147,12 @@ def shard_corpus_resources(config: Mapping[str, Any], dataset: str, attempt: int
 
 
 def prepare_resources(config: Mapping[str, Any], model: str, attempt: int = 1) -> dict[str, int]:
-    """Preparing (downloading / converting / initialising) a model: about three copies of its float32 weights."""
-    shape = estimate.shape_of(config["models"], model)
-    return estimate.scaled(2000 + 3 * estimate.weights_mb(shape), 60, attempt)
+    """Preparing a model: a hub download or a local folder reads no weights (shapes come from a meta-device
+    skeleton); a random model is initialised and saved in float32 (two copies); a GGUF is dequantised (three)."""
+    spec = config["models"][model]
+    copies = {"random": 2, "packaged": 3}.get(spec["source"], 0)
+    weights = estimate.weights_mb(estimate.shape_of(config["models"], model))  # float32: what from_config and GGUF give
+    return estimate.scaled(2000 + copies * weights, 60, attempt)
 
 
 def extraction_resources(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +29,62 @@ MANIFEST_VERSION = 1
 # ----------------------------------------------------------------------------- device / dtype
 
 
-def resolve_device(setting: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; anything else is taken literally (with a check)."""
+# How a scheduler hands a job its GPUs: SLURM's counts and index lists, and the CUDA device list it (or a user) sets.
+GPU_COUNT_VARIABLES = ("SLURM_GPUS_ON_NODE", "SLURM_GPUS", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK")
+GPU_LIST_VARIABLES = ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "CUDA_VISIBLE_DEVICES")
+# set to 1 where a job is given GPUs it cannot use on purpose (a test cluster with fake GPUs): it then runs on the CPU
+CPU_FALLBACK_VARIABLE = "NEURONATLAS_CPU_FALLBACK"
+
+
+def granted_gpu(env: Mapping[str, str] | None = None) -> str | None:
+    """The variable (`NAME=value`) by which this process was given a GPU, or None when none was given."""
+    env = os.environ if env is None else env
+    for name in GPU_COUNT_VARIABLES:
+        value = env.get(name, "").strip()
+        if value and value.rsplit(":", 1)[-1] not in ("0", ""):  # "2", "a100:1"; "0" and "a100:0" give none
+            return f"{name}={value}"
+    for name in GPU_LIST_VARIABLES:
+        value = env.get(name, "").strip()
+        if value and value not in ("-1", "NoDevFiles"):  # "" and "-1" hide every GPU; NoDevFiles: a GRES without devices
+            return f"{name}={value}"
+    return None
+
+
+def torch_build() -> str:
+    """The torch build, as an error names it: version and the CUDA it was built for."""
+    cuda = torch.version.cuda
+    return f"torch {torch.__version__} built for CUDA {cuda}" if cuda else f"torch {torch.__version__}, a CPU-only build"
+
+
+def no_cuda_error(setting: str, grant: str | None) -> NeuronAtlasError:
+    """The error of a job that should run on a GPU but sees no CUDA device: it names the node and the torch build."""
+    import socket
+
+    why = f"this job was given a GPU ({grant})" if grant else f"config `device: {setting}`"
+    return NeuronAtlasError(
+        f"{why}, but torch sees no CUDA device on node {socket.gethostname()} ({torch_build()}). Run the jobs in an "
+        "environment with a CUDA build of torch (envs/cuda.yaml, or the cu128 wheel in the shared .venv) and check the "
+        "node's driver with `nvidia-smi`; `device: cpu` runs model jobs without a GPU. Stopping now instead of running "
+        "on the CPU inside a GPU job's time limit."
+    )
+
+
+def resolve_device(setting: str, env: Mapping[str, str] | None = None) -> torch.device:
+    """`auto` -> cuda when available, else cpu, except in a job given a GPU that it cannot see (an error naming the
+    node and torch build, unless NEURONATLAS_CPU_FALLBACK=1); anything else is taken literally (with a check)."""
+    env = os.environ if env is None else env
     if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        grant = granted_gpu(env)
+        if grant and env.get(CPU_FALLBACK_VARIABLE) != "1":
+            raise no_cuda_error(setting, grant)
+        if grant:
+            print(f"given a GPU ({grant}) but no CUDA device is visible; running on the CPU ({CPU_FALLBACK_VARIABLE}=1)", file=sys.stderr)
+        return torch.device("cpu")
     dev = torch.device(setting)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise NeuronAtlasError(f"config `device: {setting}` but CUDA is not available here; use `device: auto` or cpu")
+        raise no_cuda_error(setting, granted_gpu(env))
     return dev
 
 

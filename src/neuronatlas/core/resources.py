@@ -6,6 +6,10 @@ manifest (documents and words per shard), the shape of a store or representation
 run, a job whose inputs are not built yet) it comes from the config alone: the model's known shape and the
 dataset's caps, an upper bound. Memory and runtime grow with Snakemake's `attempt`, so a job resubmitted
 after running out of memory or time asks for more.
+
+On a cluster (config `cluster`) a job with a GPU and a job without one go to their own partitions, and each
+runtime request is clamped to its partition's time limit; an estimate that cannot fit stops the run before
+anything is submitted, naming the rule and the job.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from neuronatlas.core.errors import ConfigError
 from neuronatlas.core.io import read_json
 
 # measured throughputs a job reaches (FLOP/s): a few CPU cores; one data-centre GPU in bf16
@@ -215,3 +220,94 @@ def from_hdf5(paths: Iterable[str | os.PathLike], read: Callable[[Any], Any]) ->
         return out
     except (OSError, KeyError, ValueError):
         return None
+
+
+# ----------------------------------------------------------------------------- partitions and time limits
+
+# SLURM resources of a GPU job that the config's `cluster.gpu` section may set (the plugin: --gpus=<model>:N, -C)
+GPU_REQUEST_KEYS = ("gpu_model", "constraint")
+CUDA_CONTEXT_MB = 1024  # what a CUDA context and the allocator's reserve take on a GPU before any weight
+
+
+def partition_kind(gpu: bool) -> str:
+    """The config's `cluster` section of a job: `gpu` for jobs that request a GPU, else `cpu`."""
+    return "gpu" if gpu else "cpu"
+
+
+def partition_resources(config: Mapping[str, Any], gpu: bool) -> dict[str, str]:
+    """The SLURM resources the config's `cluster` section names for a job with or without a GPU (partition, and for
+    a GPU job its type and node features); empty where it names none, so the profile's defaults apply."""
+    spec = config.get("cluster", {}).get(partition_kind(gpu), {})
+    out = {"slurm_partition": spec["partition"]} if spec.get("partition") else {}
+    if gpu:
+        out.update({key: spec[key] for key in GPU_REQUEST_KEYS if spec.get(key)})
+    return out
+
+
+def time_limit(config: Mapping[str, Any], gpu: bool) -> int | None:
+    """The time limit (minutes) of the partition a job with or without a GPU goes to; None when not configured."""
+    return config.get("cluster", {}).get(partition_kind(gpu), {}).get("max_runtime")
+
+
+def describe_job(rule: str, wildcards: Mapping[str, Any]) -> str:
+    """A job as the error messages name it: `rule (key=value, ...)`."""
+    values = ", ".join(f"{k}={v}" for k, v in wildcards.items())
+    return f"{rule} ({values})" if values else rule
+
+
+def within_time_limit(config: Mapping[str, Any], job: str, gpu: bool, runtime: int, first_runtime: int) -> int:
+    """The runtime request of one attempt clamped to its partition's time limit; a ConfigError naming the job and the
+    key when the first attempt's estimate (`first_runtime`) already exceeds the limit (it would end in TIMEOUT)."""
+    limit = time_limit(config, gpu)
+    if limit is None:
+        return runtime
+    if first_runtime > limit:
+        kind = partition_kind(gpu)
+        raise ConfigError(
+            f"cluster.{kind}.max_runtime",
+            f"job {job} is estimated at {first_runtime:,} min, more than the {kind} partition's time limit of {limit:,} min. "
+            "Make the job smaller (the config keys that size it, e.g. more `shards` of a dataset or a model's "
+            "`max_tokens_per_shard` for extraction), raise the limit if the partition allows more, or, where the estimate "
+            "is too pessimistic, give the rule a runtime of your own in the profile's set-resources (it replaces the estimate).",
+        )
+    return min(runtime, limit)
+
+
+def job_resources(
+    config: Mapping[str, Any], rule: str, gpu: bool, estimate: Callable[[Any, Any, int], Mapping[str, int]]
+) -> dict[str, Any]:
+    """A rule's `resources:` entries: mem_mb and runtime from `estimate(wildcards, input, attempt)`, the runtime
+    clamped to the time limit of the job's partition, and the partition (and GPU) that the config names."""
+
+    def mem_mb(wildcards: Any, input: Any, attempt: int) -> int:  # noqa: A002 (Snakemake passes it by this name)
+        return int(estimate(wildcards, input, attempt)["mem_mb"])
+
+    def runtime(wildcards: Any, input: Any, attempt: int) -> int:  # noqa: A002
+        request = int(estimate(wildcards, input, attempt)["runtime"])
+        first = request if attempt <= 1 else int(estimate(wildcards, input, 1)["runtime"])
+        return within_time_limit(config, describe_job(rule, dict(wildcards.items())), gpu, request, first)
+
+    return {"mem_mb": mem_mb, "runtime": runtime, **partition_resources(config, gpu)}
+
+
+def gpu_memory_mb(config: Mapping[str, Any], model: str) -> float:
+    """What a model's weights take on a GPU in the dtype its jobs load (bfloat16 under `auto`), plus a CUDA context."""
+    from neuronatlas.core.config import model_dtype
+
+    return weights_mb(shape_of(config["models"], model), model_dtype(config, model), gpu=True) + CUDA_CONTEXT_MB
+
+
+def check_gpu_memory(config: Mapping[str, Any]) -> None:
+    """Refuse a model whose weights cannot fit on one GPU of the configured GPU partition (`cluster.gpu.memory_gb`)."""
+    memory_gb = config.get("cluster", {}).get("gpu", {}).get("memory_gb")
+    if memory_gb is None or not uses_gpu(config["device"]):
+        return
+    for model in config["models"]:
+        need = gpu_memory_mb(config, model)
+        if need > memory_gb * 1000**3 / 2**20:
+            raise ConfigError(
+                "cluster.gpu.memory_gb",
+                f"model {model!r} needs {need * 2**20 / 1000**3:.1f} GB of GPU memory for its weights alone (in the dtype "
+                f"its jobs load), more than the {memory_gb:g} GB of one GPU. Ask for larger GPUs (`cluster.gpu.gpu_model`, "
+                f"`cluster.gpu.constraint` and their memory_gb), set `models.{model}.dtype: bfloat16`, or use `device: cpu`.",
+            )

@@ -91,6 +91,21 @@ def lorenz_fraction(config: Mapping[str, Any], exp: str) -> float | None:
     return own if own is not None else config["modularity"]["moe"]["fraction"]
 
 
+def mmlu_file(results: str, exp: str) -> str:
+    """Where rule modularity_fetch_mmlu writes an experiment's MMLU questions."""
+    return f"{results}/modularity/{exp}/mmlu.json"
+
+
+def mmlu_inputs(config: Mapping[str, Any], results: str, exp: str) -> dict[str, str]:
+    """The fetched MMLU questions a pruning job of `exp` reads (none when the experiment has no MMLU subjects)."""
+    return {"mmlu": mmlu_file(results, exp)} if config["modularity"]["experiments"][exp]["mmlu"]["subjects"] else {}
+
+
+def mmlu_params(config: Mapping[str, Any], exp: str) -> dict[str, Any]:
+    """Everything modularity_fetch_mmlu depends on: the experiment's mmlu section."""
+    return {"experiment": exp, "mmlu": config["modularity"]["experiments"][exp]["mmlu"]}
+
+
 def claim_inputs(config: Mapping[str, Any]) -> dict[str, Any]:
     """What the replication report reads of this method, per experiment: the effects and search tables of every drop,
     the overlaps (with a random twin) and the Lorenz table (with MoE clusters)."""

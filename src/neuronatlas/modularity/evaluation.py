@@ -82,6 +82,12 @@ def load_mmlu(
     return rows[:max_questions] if max_questions else rows
 
 
+def fetch_mmlu(section: Mapping[str, Any], key: str) -> dict[str, list[dict[str, Any]]]:
+    """Every subject's questions of an experiment's mmlu section (`key`, named by errors), as load_mmlu reads them."""
+    split, path = section.get("split") or "test", section.get("path") or "cais/mmlu"
+    return {subject: load_mmlu(subject, split, section.get("max_questions"), path, key) for subject in section["subjects"]}
+
+
 def mmlu_batches(lm: Any, subject: str, questions: Sequence[Mapping[str, Any]], batch_size: int = 16) -> list[Any]:
     """Multiple-choice batches: right-padded prompts, targets (B, 6) = [last position, ids of A..D, answer]."""
     import torch
@@ -337,9 +343,14 @@ def log_to_stderr(msg: str) -> None:
 
 
 def build_eval_sets(
-    lm: Any, tasks: Sequence[Task], params: Mapping[str, Any], shard_dirs: Mapping[str, str]
+    lm: Any,
+    tasks: Sequence[Task],
+    params: Mapping[str, Any],
+    shard_dirs: Mapping[str, str],
+    mmlu: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
 ) -> tuple[dict[str, EvalSet], list[EvalSet]]:
-    """Evaluation sets of the tasks (held-out eval shards) and the extra rows (MMLU subjects)."""
+    """Evaluation sets of the tasks (held-out eval shards) and the extra rows (MMLU subjects: from `mmlu`, the
+    questions rule modularity_fetch_mmlu wrote, else loaded here)."""
     from neuronatlas.core.ablation import ImageClassification, TokenObjective, image_batches, next_token_batches
     from neuronatlas.core.corpus import read_shard
 
@@ -384,7 +395,11 @@ def build_eval_sets(
     mm = params.get("mmlu") or {}
     for subject in mm.get("subjects") or []:
         key = f"modularity.experiments.{params['experiment']}.mmlu"
-        qs = load_mmlu(subject, mm.get("split") or "test", mm.get("max_questions"), mm.get("path") or "cais/mmlu", key)
+        qs = (
+            mmlu[subject]
+            if mmlu is not None
+            else load_mmlu(subject, mm.get("split") or "test", mm.get("max_questions"), mm.get("path") or "cais/mmlu", key)
+        )
         extra.append(
             EvalSet(
                 f"MMLU {mmlu_subject_title(subject)}",

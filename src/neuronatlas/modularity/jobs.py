@@ -79,11 +79,28 @@ def modularity_scores(params: Mapping[str, Any], stats_files: Mapping[str, str],
     return ScoreFile(tasks, scores, targets, ref.abs_mean, ref.mean, attrs)
 
 
+def modularity_fetch_mmlu(params: Mapping[str, Any], out: str) -> None:
+    """Rule modularity_fetch_mmlu: the experiment's MMLU questions from the hub (or a local copy) into one JSON file."""
+    from neuronatlas.core.io import write_json
+    from neuronatlas.modularity.evaluation import fetch_mmlu
+
+    questions = fetch_mmlu(params["mmlu"], f"modularity.experiments.{params['experiment']}.mmlu")
+    write_json(out, questions)
+    log_to_stderr(f"{sum(map(len, questions.values()))} questions of {len(questions)} MMLU subjects -> {out}")
+
+
 def modularity_prune(
-    params: Mapping[str, Any], manifest: str, scores_h5: str, shard_dirs: Mapping[str, str], out: Mapping[str, str]
+    params: Mapping[str, Any],
+    manifest: str,
+    scores_h5: str,
+    shard_dirs: Mapping[str, str],
+    out: Mapping[str, str],
+    mmlu_file: str | None = None,
 ) -> pd.DataFrame:
-    """Rule modularity_prune: bisection to the target drop for every task, then the effect matrix; CSV, markdown, figures."""
+    """Rule modularity_prune: bisection to the target drop for every task, then the effect matrix; CSV, markdown, figures.
+    MMLU questions come from `mmlu_file` (rule modularity_fetch_mmlu) when given: the job then needs no network."""
     from neuronatlas.core.ablation import ablation_values
+    from neuronatlas.core.io import read_json
     from neuronatlas.core.models import load
     from neuronatlas.modularity import figures
 
@@ -96,7 +113,7 @@ def modularity_prune(
         else ablation_values(None, "zero", shape)
     )
     t0 = time.perf_counter()
-    task_sets, extra = build_eval_sets(lm, sf.tasks, params, shard_dirs)
+    task_sets, extra = build_eval_sets(lm, sf.tasks, params, shard_dirs, read_json(mmlu_file) if mmlu_file else None)
     log_to_stderr(
         f"eval sets ready in {time.perf_counter() - t0:.1f}s: " + ", ".join(f"{k}: {len(v.batches)} batches" for k, v in task_sets.items())
     )
