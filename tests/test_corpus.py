@@ -118,3 +118,18 @@ def test_delimited_text_files_and_glob_lists(tmp_path):
 
 def _cfg_with(**dataset) -> dict:
     return {"datasets": {"d": dataset}, "models": {"m": {"source": "hub", "id": "x", "sites": ["mlp"], "datasets": ["d"]}}}
+
+
+def test_shard_params_hold_only_what_the_source_reads():
+    """A dataset's shard_corpus params leave out unset keys and other sources' keys: a new optional schema key re-runs nothing."""
+    from neuronatlas.activations import dag as activations_dag
+
+    cfg = core_config.validate(_cfg_with(source="packaged", name="wiki_summaries", max_documents=10))
+    spec = activations_dag.shard_params(cfg, "d")["spec"]
+    assert {"glob", "delimiter", "data_files", "path", "streaming", "description", "eval_shards"}.isdisjoint(spec)
+    assert spec["name"] == "wiki_summaries" and spec["max_documents"] == 10 and spec["shuffle"] is True
+    # the job puts the schema's defaults back: the spec it reads is the validated one
+    full = core_config.with_dataset_defaults(spec)
+    assert all(full[k] == v for k, v in cfg["datasets"]["d"].items() if k not in ("description", "eval_shards"))
+    files = core_config.validate(_cfg_with(source="files", glob="x/*.txt", delimiter="%"))
+    assert {"glob": "x/*.txt", "delimiter": "%"}.items() <= activations_dag.shard_params(files, "d")["spec"].items()

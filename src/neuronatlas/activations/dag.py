@@ -10,7 +10,7 @@ from typing import Any
 
 from neuronatlas.core import paths
 from neuronatlas.core import resources as estimate
-from neuronatlas.core.config import grid, model_dtype, model_params, stats_shards
+from neuronatlas.core.config import SOURCE_ONLY_FIELDS, grid, model_dtype, model_params, stats_shards
 from neuronatlas.core.errors import ConfigError
 
 # ----------------------------------------------------------------------------- config views
@@ -46,8 +46,11 @@ def head_datasets(config: Mapping[str, Any], model: str) -> list[str]:
 
 def shard_params(config: Mapping[str, Any], dataset: str) -> dict[str, Any]:
     """Everything a shard_corpus job depends on: the dataset's spec and the seed (not its description, nor which
-    shards are held out: that decides what is extracted and merged, not how the corpus is split)."""
-    spec = {k: v for k, v in config["datasets"][dataset].items() if k not in ("description", "eval_shards")}
+    shards are held out: that decides what is extracted and merged, not how the corpus is split). Unset keys and
+    keys of other sources are left out, so a new optional key in the schema re-runs no existing dataset."""
+    data = config["datasets"][dataset]
+    foreign = set().union(*SOURCE_ONLY_FIELDS.values()) - SOURCE_ONLY_FIELDS[data["source"]]
+    spec = {k: v for k, v in data.items() if k not in ("description", "eval_shards") and k not in foreign and v is not None}
     return {"spec": spec, "seed": config["seed"]}
 
 

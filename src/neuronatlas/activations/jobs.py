@@ -17,9 +17,11 @@ def shard_corpus(
     dataset: str, spec: Mapping[str, Any], seed: int, shards_dir: str | os.PathLike, manifest: str | os.PathLike
 ) -> dict[str, Any]:
     """Rule shard_corpus: sample and split a dataset into Parquet shards (a directory) + manifest."""
+    from neuronatlas.core.config import with_dataset_defaults
     from neuronatlas.core.corpus import build_shards
     from neuronatlas.core.io import atomic_dir
 
+    spec = with_dataset_defaults(spec)
     with atomic_dir(shards_dir) as tmp:
         paths = [tmp / f"shard-{i}.parquet" for i in range(spec["shards"])]
         info = build_shards(spec, dataset, seed, paths, manifest)

@@ -116,12 +116,12 @@ def load(path: str | Path, schema_path: str | Path = SCHEMA_PATH) -> dict[str, A
     return validate(cfg, schema_path)
 
 
-_DATASET_ONLY = {
+SOURCE_ONLY_FIELDS = {
     "hf": {"path", "revision", "streaming", "shuffle_buffer", "filter", "image_field", "target_field", "data_files"},
     "packaged": set(),
     "files": {"glob", "filter", "delimiter"},
 }
-_DATASET_FIELDS = set().union(*_DATASET_ONLY.values())
+_DATASET_FIELDS = set().union(*SOURCE_ONLY_FIELDS.values())
 _MODEL_ONLY = {
     "hub": {"id", "revision"},
     "local": {"path"},
@@ -171,9 +171,9 @@ def _check_dataset(dname: str, d: Mapping[str, Any], ddefs: Mapping[str, Any]) -
     """A dataset's source-specific keys, packaged names and splits, filter and held-out shards."""
     src = d["source"]
     base = f"datasets.{dname}"
-    for field in sorted(_DATASET_FIELDS - _DATASET_ONLY[src]):
+    for field in sorted(_DATASET_FIELDS - SOURCE_ONLY_FIELDS[src]):
         if _nondefault(d, field, ddefs[field].get("default")):
-            users = [s for s, f in _DATASET_ONLY.items() if field in f]
+            users = [s for s, f in SOURCE_ONLY_FIELDS.items() if field in f]
             raise ConfigError(f"{base}.{field}", f"is only used when source is {' or '.join(users)} (source is {src})")
     if src == "hf" and not d.get("path"):
         raise ConfigError(f"{base}.path", "source hf needs the Hugging Face dataset id, e.g. path: allenai/c4")
@@ -276,6 +276,12 @@ def _check_model(mname: str, m: Mapping[str, Any], config: Mapping[str, Any], md
 
 
 # ----------------------------------------------------------------------------- accessors
+
+
+def with_dataset_defaults(spec: Mapping[str, Any], schema: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A dataset spec with the schema's default of every key it leaves out (shard params hold only the set keys)."""
+    properties = (schema or load_schema())["$defs"]["dataset"]["properties"]
+    return {**{k: p["default"] for k, p in properties.items() if "default" in p}, **spec}
 
 
 def stats_shards(dataset: Mapping[str, Any]) -> list[int]:
