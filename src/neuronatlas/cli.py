@@ -106,7 +106,7 @@ def plan_on_cluster(configfile: str, cluster: dict[str, Any] | None = None) -> d
         cfg["results_dir"] = str(tmp / "results")
         path = tmp / "config.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        stubbed = bench_dag._stub_external_inputs(tmp, path)  # files a user provides: placeholders for planning
+        stubbed = bench_dag.stub_external_inputs(tmp, path)  # files a user provides: placeholders for planning
         run = bench_dag.dry_run(tmp, path, check=False)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -321,7 +321,7 @@ def external_inputs(text: str) -> list[str]:
     return files
 
 
-def _stub_external_inputs(work: Path, cfg_path: Path, limit: int = 20) -> list[str]:
+def stub_external_inputs(work: Path, cfg_path: Path, limit: int = 20) -> list[str]:
     """Create empty placeholders for user-provided input files (e.g. word vectors) so the DAG can be built."""
     stubbed: list[str] = []
     for _ in range(limit):
@@ -342,7 +342,7 @@ def _measure(tmp: Path, config: Mapping[str, Any], name: str, repeats: int) -> d
     work.mkdir()
     cfg_path = work / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(dict(config)))
-    stubbed = _stub_external_inputs(work, cfg_path)
+    stubbed = stub_external_inputs(work, cfg_path)
     runs = [dry_run(work, cfg_path, "--quiet", "rules") for _ in range(repeats)]
     best = min(runs, key=lambda r: r.wall_s)
     startup = _startup(work, cfg_path)
@@ -407,7 +407,7 @@ def _profile_share(tmp: Path, config: Mapping[str, Any]) -> dict[str, Any]:
     work.mkdir()
     cfg_path = work / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(dict(config)))
-    _stub_external_inputs(work, cfg_path)
+    stub_external_inputs(work, cfg_path)
     prof = work / "dry.prof"
     cmd = [
         sys.executable,

@@ -393,13 +393,10 @@ def build_eval_sets(
         sets[t.key] = EvalSet(t.name, t.key, batches, TokenObjective(name="next_token"), "task")
     extra = []
     mm = params.get("mmlu") or {}
+    if mmlu is None and mm.get("subjects"):
+        mmlu = fetch_mmlu(mm, f"modularity.experiments.{params['experiment']}.mmlu")
     for subject in mm.get("subjects") or []:
-        key = f"modularity.experiments.{params['experiment']}.mmlu"
-        qs = (
-            mmlu[subject]
-            if mmlu is not None
-            else load_mmlu(subject, mm.get("split") or "test", mm.get("max_questions"), mm.get("path") or "cais/mmlu", key)
-        )
+        qs = mmlu[subject]
         extra.append(
             EvalSet(
                 f"MMLU {mmlu_subject_title(subject)}",
